@@ -1,0 +1,27 @@
+"""simclr_keras: SimCLR contrastive self-supervised learning for Keras 3 / TensorFlow."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="simclr_keras",
+    version="0.1.0",
+    description=(
+        "SimCLR (Chen et al., ICML 2020) for Keras 3 / TensorFlow: augmentations, "
+        "ResNet backbones, NT-Xent, LARS and a training command line."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["simclr_keras", "simclr_keras.*"]),
+    python_requires=">=3.10,<3.13",
+    # Pinned to versions that install together on Python 3.11; tensorflow-cpu keeps CPU-only
+    # machines small. On a GPU machine install `tensorflow[and-cuda]==2.21.0` beside it.
+    install_requires=[
+        "tensorflow-cpu==2.21.0",
+        "keras==3.15.1",
+        "tensorflow-datasets==4.9.10",
+        "absl-py==2.5.1",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
+    },
+)

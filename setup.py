@@ -20,6 +20,8 @@ setup(
         "keras==3.15.1",
         "tensorflow-datasets==4.9.10",
         "absl-py==2.5.1",
+        # tf.summary needs it, and tensorflow 2.21 no longer installs it.
+        "tensorboard==2.21.0",
     ],
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.15"],

@@ -1,0 +1,27 @@
+"""simclr_keras: SimCLR contrastive self-supervised learning for Keras 3 / TensorFlow.
+
+Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020 (arXiv:2002.05709).
+"""
+
+from simclr_keras import losses
+from simclr_keras.augment import SimCLRAugmentation
+from simclr_keras.backbones import resnet
+from simclr_keras.heads import ProjectionHead
+from simclr_keras.models.simclr import SimCLR, build_simclr
+from simclr_keras.optimizers import LARS, WarmupCosineDecay, build_optimizer, scale_learning_rate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LARS",
+    "ProjectionHead",
+    "SimCLR",
+    "SimCLRAugmentation",
+    "WarmupCosineDecay",
+    "build_optimizer",
+    "build_simclr",
+    "losses",
+    "resnet",
+    "scale_learning_rate",
+]

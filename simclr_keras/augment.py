@@ -1,0 +1,766 @@
+"""SimCLR view augmentation as a batched, XLA-compilable Keras 3 layer.
+
+Implements the stochastic data augmentation of Chen et al., "A Simple Framework for
+Contrastive Learning of Visual Representations", ICML 2020 (arXiv:2002.05709),
+Section 3 and Appendix A, with the choices of the official google-research/simclr code
+(`data_util.py`, "simclrv2" colour jitter):
+
+1. random resized crop (area fraction in [0.08, 1], aspect ratio in [3/4, 4/3]) resized
+   back to the output size with bicubic interpolation;
+2. horizontal flip with probability 0.5;
+3. colour distortion of strength s with probability 0.8: brightness, contrast, saturation
+   (factors in [max(0, 1 - 0.8 s), 1 + 0.8 s]) and hue (shift in [-0.2 s, 0.2 s]) in a
+   random order, clipping to [0, 1] after each;
+4. grayscale with probability 0.2;
+5. optionally (ImageNet) Gaussian blur with probability 0.5, sigma in [0.1, 2.0] and a
+   kernel of about 10% of the image side.
+
+Every random draw is made per image, and all images of a batch are processed at once with
+no per-image loop. `tf.image.crop_and_resize` and bicubic `tf.image.resize` have no XLA
+kernel, so cropping, resizing and blurring are all written as separable per-image linear
+resampling: two small matrices per image (rows [B, out_h, H], columns [B, out_w, W])
+applied with batched matrix products. Random numbers come from stateless Philox draws
+converted to floats by hand, which makes a seeded call give the same views with and
+without XLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "SimCLRAugmentation",
+    "stateless_uniform",
+    "sample_crop_boxes",
+    "center_crop_box",
+    "cubic_resize_weights",
+    "separable_resample",
+    "crop_and_resize",
+    "gaussian_blur_weights",
+    "gaussian_blur",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "to_grayscale",
+    "sample_color_jitter_parameters",
+    "color_jitter",
+]
+
+# Keys (1981) cubic convolution parameter used by tf.image.resize(method="bicubic").
+_KEYS_A = -0.5
+# TF's ResizeBicubic kernel looks its weights up in a table indexed by the fractional
+# sample offset rounded to 1/1024 pixel; rounding the same way makes our matrices agree
+# with tf.image.resize to float precision instead of ~5e-4.
+_RESIZE_TABLE_SIZE = 1024
+# ITU-R BT.601 luma weights, as tf.image.rgb_to_grayscale.
+_GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
+# Floats are built from 24 random bits (the float32 mantissa) by hand because XLA and the
+# TF kernel turn Philox bits into floats differently; integer draws agree on both.
+_UNIFORM_BITS = 24
+# Indices of the four colour operations in a jitter order.
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------
+# Randomness
+# --------------------------------------------------------------------------------------
+
+
+def _as_seed(seed):
+    """Returns `seed` as a non-negative int32 tensor of shape [2], the stateless-op format.
+
+    XLA and the TF kernels turn a seed into a Philox key differently when an element is
+    negative or wider than 32 bits, so every seed is reduced to 31 bits per element.
+    """
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype != tf.int32:
+        # Wraps int64 values modulo 2**32, the same way with and without XLA.
+        seed = tf.cast(seed, tf.int32)
+    return tf.bitwise.bitwise_and(tf.reshape(seed, [2]), 0x7FFFFFFF)
+
+
+def _split_seed(seed, count):
+    """Returns `count` independent [2] seeds derived from `seed`."""
+    seeds = tf.random.experimental.stateless_split(_as_seed(seed), num=count)
+    return [_as_seed(one) for one in tf.unstack(seeds, num=count)]
+
+
+def stateless_uniform(seed, shape, minval=0.0, maxval=1.0):
+    """Uniform float32 samples in [minval, maxval), a deterministic function of `seed`.
+
+    Unlike `tf.random.stateless_uniform` for floats, the values are identical inside and
+    outside an XLA cluster (see `_UNIFORM_BITS`).
+
+    Args:
+        seed: integer tensor of shape [2].
+        shape: output shape.
+        minval, maxval: float scalars or tensors broadcastable to `shape`.
+    """
+    bits = tf.random.stateless_uniform(
+        shape, _as_seed(seed), minval=0, maxval=2**_UNIFORM_BITS, dtype=tf.int32, alg="philox"
+    )
+    unit = tf.cast(bits, tf.float32) * (2.0**-_UNIFORM_BITS)
+    minval = tf.cast(minval, tf.float32)
+    maxval = tf.cast(maxval, tf.float32)
+    return minval + (maxval - minval) * unit
+
+
+def _bernoulli(seed, batch_size, probability):
+    """Boolean [B] mask, each entry True with `probability`."""
+    return stateless_uniform(seed, [batch_size]) < probability
+
+
+# --------------------------------------------------------------------------------------
+# Crop boxes
+# --------------------------------------------------------------------------------------
+
+
+def sample_crop_boxes(
+    seed,
+    batch_size,
+    image_height,
+    image_width,
+    area_range=(0.08, 1.0),
+    aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+    attempts=10,
+):
+    """Samples one random-resized-crop box per image (Szegedy et al. 2015; SimCLR App. A).
+
+    The torchvision `RandomResizedCrop.get_params` algorithm, vectorised: every image
+    draws `attempts` candidates at once, each with an area fraction uniform in
+    `area_range` and a log aspect ratio (width / height) uniform in
+    log(`aspect_ratio_range`), sized w = round(sqrt(area * ratio)),
+    h = round(sqrt(area / ratio)). The first candidate that fits in the image is used,
+    at an offset uniform among all valid integer positions. If none fits, the box is
+    the largest centred box whose aspect ratio lies in the range (the whole image when
+    the image's own aspect ratio does).
+
+    Args:
+        seed: integer tensor of shape [2].
+        batch_size: number of boxes B (int or scalar tensor).
+        image_height, image_width: image size in pixels (ints or scalar tensors).
+
+    Returns:
+        (tops, lefts, heights, widths), each int32 [B].
+    """
+    area_seed, ratio_seed, top_seed, left_seed = _split_seed(seed, 4)
+    height = tf.cast(image_height, tf.float32)
+    width = tf.cast(image_width, tf.float32)
+    image_height = tf.cast(image_height, tf.int32)
+    image_width = tf.cast(image_width, tf.int32)
+    shape = [batch_size, attempts]
+
+    # [B, attempts] candidate boxes.
+    target_area = height * width * stateless_uniform(area_seed, shape, *area_range)
+    log_ratio_range = (math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1]))
+    ratio = tf.exp(stateless_uniform(ratio_seed, shape, *log_ratio_range))
+    # tf.round rounds half to even, like Python's round() in torchvision.
+    candidate_widths = tf.cast(tf.round(tf.sqrt(target_area * ratio)), tf.int32)
+    candidate_heights = tf.cast(tf.round(tf.sqrt(target_area / ratio)), tf.int32)
+    fits = (
+        (candidate_widths > 0)
+        & (candidate_widths <= image_width)
+        & (candidate_heights > 0)
+        & (candidate_heights <= image_height)
+    )
+    first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    any_fit = tf.reduce_any(fits, axis=1)
+
+    # Fallback: clamp the image's aspect ratio into the range and centre the box.
+    image_ratio = width / height
+    min_ratio, max_ratio = aspect_ratio_range
+    fallback_width = tf.where(
+        image_ratio > max_ratio, tf.cast(tf.round(height * max_ratio), tf.int32), image_width
+    )
+    fallback_height = tf.where(
+        image_ratio < min_ratio, tf.cast(tf.round(width / min_ratio), tf.int32), image_height
+    )
+
+    heights = tf.where(
+        any_fit, tf.gather(candidate_heights, first_fit, batch_dims=1), fallback_height
+    )
+    widths = tf.where(any_fit, tf.gather(candidate_widths, first_fit, batch_dims=1), fallback_width)
+
+    def random_offset(offset_seed, slack):
+        # Uniform integer in [0, slack]; the minimum guards float rounding of u * (slack + 1).
+        u = stateless_uniform(offset_seed, [batch_size])
+        offset = tf.cast(tf.floor(u * tf.cast(slack + 1, tf.float32)), tf.int32)
+        return tf.minimum(offset, slack)
+
+    tops = tf.where(
+        any_fit, random_offset(top_seed, image_height - heights), (image_height - heights) // 2
+    )
+    lefts = tf.where(
+        any_fit, random_offset(left_seed, image_width - widths), (image_width - widths) // 2
+    )
+    return tops, lefts, heights, widths
+
+
+def center_crop_box(image_height, image_width, output_height, output_width, crop_fraction=1.0):
+    """The deterministic evaluation crop of the official SimCLR code (`center_crop`).
+
+    Takes the largest centred box with the output's aspect ratio and scales it by
+    `crop_fraction` (0.875 is the ImageNet convention), rounding to whole pixels. For a
+    square image and square output with crop_fraction=1 this is the whole image.
+
+    Returns:
+        (top, left, height, width) as int32 scalars.
+    """
+    height = tf.cast(image_height, tf.float32)
+    width = tf.cast(image_width, tf.float32)
+    aspect_ratio = output_width / output_height
+    output_wider = aspect_ratio > width / height
+    # The box spans `crop_fraction` of the image along its limiting side.
+    crop_height = tf.where(
+        output_wider, crop_fraction / aspect_ratio * width, crop_fraction * height
+    )
+    crop_width = tf.where(output_wider, crop_fraction * width, crop_fraction * aspect_ratio * height)
+    crop_height = tf.maximum(tf.cast(tf.math.rint(crop_height), tf.int32), 1)
+    crop_width = tf.maximum(tf.cast(tf.math.rint(crop_width), tf.int32), 1)
+    top = (tf.cast(image_height, tf.int32) - crop_height + 1) // 2
+    left = (tf.cast(image_width, tf.int32) - crop_width + 1) // 2
+    return top, left, crop_height, crop_width
+
+
+# --------------------------------------------------------------------------------------
+# Separable resampling: crop + bicubic resize and Gaussian blur as per-image matrices
+# --------------------------------------------------------------------------------------
+
+
+def _keys_cubic(distance):
+    """Keys (1981) cubic convolution kernel with a = -0.5, supported on |x| < 2."""
+    x = tf.abs(distance)
+    a = _KEYS_A
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return tf.where(x <= 1.0, near, tf.where(x < 2.0, far, tf.zeros_like(x)))
+
+
+def cubic_resize_weights(starts, lengths, input_size, output_size):
+    """Bicubic interpolation matrices resampling a window of one image axis.
+
+    Row o of image b's matrix holds the weights that
+    `tf.image.resize(window, ..., method="bicubic", antialias=False)` gives the input
+    pixels when it resamples the window [starts[b], starts[b] + lengths[b]) of an axis to
+    `output_size` pixels: half-pixel centres, the Keys kernel (a = -0.5) on the four
+    nearest samples, taps that fall outside the window dropped and the rest renormalised
+    to sum to one, and offsets rounded to 1/1024 pixel as TF's coefficient table does.
+
+    Args:
+        starts, lengths: int [B] window starts and lengths (pixels), inside the axis.
+        input_size: length of the axis (int or scalar tensor).
+        output_size: int, number of output pixels.
+
+    Returns:
+        float32 [B, output_size, input_size].
+    """
+    starts = tf.cast(tf.reshape(starts, [-1, 1, 1]), tf.float32)
+    lengths = tf.cast(tf.reshape(lengths, [-1, 1, 1]), tf.float32)
+    outputs = tf.reshape(tf.range(output_size, dtype=tf.float32), [1, -1, 1])
+    inputs = tf.reshape(tf.range(input_size, dtype=tf.float32), [1, 1, -1])
+
+    # [B, output_size, 1] sample position relative to the window start.
+    position = (outputs + 0.5) * (lengths / output_size) - 0.5
+    whole = tf.floor(position)
+    position = whole + tf.round((position - whole) * _RESIZE_TABLE_SIZE) / _RESIZE_TABLE_SIZE
+
+    # [B, output_size, input_size]
+    weights = _keys_cubic(starts + position - inputs)
+    inside = (inputs >= starts) & (inputs < starts + lengths)
+    weights = tf.where(inside, weights, tf.zeros_like(weights))
+    # The nearest in-window tap always has weight >= 0.56, so the sum is never zero.
+    return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
+
+
+def separable_resample(images, row_weights, column_weights):
+    """Applies a per-image separable linear map: out[b] = R[b] @ images[b] @ C[b]^T.
+
+    Args:
+        images: float32 [B, H, W, C].
+        row_weights: float32 [B, out_h, H].
+        column_weights: float32 [B, out_w, W].
+
+    Returns:
+        float32 [B, out_h, out_w, C].
+    """
+    rows_done = tf.einsum("boh,bhwc->bowc", row_weights, images)
+    return tf.einsum("bpw,bowc->bopc", column_weights, rows_done)
+
+
+def crop_and_resize(images, tops, lefts, heights, widths, output_size):
+    """Crops an integer box from each image and resizes it bicubically.
+
+    Equals `tf.image.resize(images[b, top:top+height, left:left+width], output_size,
+    method="bicubic")` per image (including its border handling), but batched and
+    XLA-compilable.
+
+    Args:
+        images: float32 [B, H, W, C].
+        tops, lefts, heights, widths: int [B] boxes inside the images.
+        output_size: int or (height, width).
+
+    Returns:
+        float32 [B, out_h, out_w, C].
+    """
+    output_height, output_width = _pair(output_size)
+    shape = tf.shape(images)
+    row_weights = cubic_resize_weights(tops, heights, shape[1], output_height)
+    column_weights = cubic_resize_weights(lefts, widths, shape[2], output_width)
+    return separable_resample(images, row_weights, column_weights)
+
+
+def gaussian_blur_weights(sigmas, size, radius, padding="reflect"):
+    """Banded matrices of a 1-D Gaussian blur with one sigma per image.
+
+    The filter is exp(-x^2 / (2 sigma^2)) on x = -radius..radius, normalised to sum to one,
+    as in the official SimCLR `gaussian_blur`. With `padding="reflect"` the border is
+    handled as by `tf.pad(..., mode="REFLECT")` (mirroring without repeating the edge
+    pixel), folded into the matrix; with `padding="zeros"` taps outside the image are
+    dropped without renormalisation, which is the official code's `padding="SAME"`
+    depthwise convolution.
+
+    Args:
+        sigmas: float [B] standard deviations in pixels.
+        size: int, length of the blurred axis.
+        radius: int, half-width of the filter (needs radius < size for reflection).
+
+    Returns:
+        float32 [B, size, size]; row i holds the weights of output pixel i.
+    """
+    if padding not in ("reflect", "zeros"):
+        raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}.")
+    if padding == "reflect" and size > 1 and radius >= size:
+        raise ValueError(f"Reflect padding needs radius < size, got {radius} and {size}.")
+    sigmas = tf.reshape(tf.cast(sigmas, tf.float32), [-1, 1])
+    offsets = np.arange(-radius, radius + 1)
+    # [B, 2 * radius + 1]
+    taps = tf.exp(-tf.constant(offsets**2, tf.float32) / (2.0 * tf.square(sigmas)))
+    taps = taps / tf.reduce_sum(taps, axis=1, keepdims=True)
+
+    # Constant [size, 2 * radius + 1, size] one-hot map from (output pixel, tap) to the
+    # source pixel after padding; a row of zeros drops a tap.
+    sources = np.arange(size)[:, None] + offsets[None, :]
+    if padding == "reflect" and size > 1:
+        sources = np.abs(sources)
+        sources = np.where(sources > size - 1, 2 * (size - 1) - sources, sources)
+    elif padding == "reflect":
+        sources = np.zeros_like(sources)
+    scatter = (sources[:, :, None] == np.arange(size)[None, None, :]).astype(np.float32)
+    return tf.einsum("bk,ikj->bij", taps, tf.constant(scatter))
+
+
+def gaussian_blur(images, sigmas, radius, padding="reflect"):
+    """Separable Gaussian blur of each image with its own sigma.
+
+    Args:
+        images: float32 [B, H, W, C].
+        sigmas: float [B].
+        radius: int, filter half-width; SimCLR uses (image_size // 10) // 2.
+
+    Returns:
+        float32 [B, H, W, C].
+    """
+    height, width = images.shape[1], images.shape[2]
+    row_weights = gaussian_blur_weights(sigmas, height, radius, padding)
+    column_weights = gaussian_blur_weights(sigmas, width, radius, padding)
+    return separable_resample(images, row_weights, column_weights)
+
+
+# --------------------------------------------------------------------------------------
+# Colour operations with per-image factors. Images are float32 [B, H, W, 3] in [0, 1];
+# factors are [B]. Each op matches its tf.image counterpart applied image by image.
+# --------------------------------------------------------------------------------------
+
+
+def _per_image(factors):
+    return tf.reshape(tf.cast(factors, tf.float32), [-1, 1, 1, 1])
+
+
+def adjust_brightness(images, factors):
+    """Multiplicative brightness change (official SimCLR "simclrv2" brightness)."""
+    return images * _per_image(factors)
+
+
+def adjust_contrast(images, factors):
+    """Per-image `tf.image.adjust_contrast`: (x - mean) * factor + mean per channel."""
+    means = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    return (images - means) * _per_image(factors) + means
+
+
+def _scale_saturation(saturation, factors):
+    """[B, H, W] HSV saturation times a per-image factor, clipped to [0, 1]."""
+    return tf.clip_by_value(saturation * _per_image(factors)[..., 0], 0.0, 1.0)
+
+
+def _shift_hue(hue, deltas):
+    """[B, H, W] HSV hue in [0, 1) rotated by a per-image delta."""
+    return tf.math.floormod(hue + _per_image(deltas)[..., 0], 1.0)
+
+
+def adjust_saturation(images, factors):
+    """Per-image `tf.image.adjust_saturation`: S = clip(S * factor, 0, 1) in HSV."""
+    hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+    saturation = _scale_saturation(saturation, factors)
+    return tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+
+
+def adjust_hue(images, deltas):
+    """Per-image `tf.image.adjust_hue`: H = (H + delta) mod 1 in HSV."""
+    hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+    hue = _shift_hue(hue, deltas)
+    return tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+
+
+def to_grayscale(images):
+    """`tf.image.rgb_to_grayscale` tiled back to three channels: [B, H, W, 3]."""
+    gray = tf.reduce_sum(images * tf.constant(_GRAYSCALE_WEIGHTS, tf.float32), axis=-1)
+    return tf.tile(gray[..., None], [1, 1, 1, 3])
+
+
+def sample_color_jitter_parameters(seed, batch_size, strength=1.0):
+    """Draws per-image colour-jitter parameters of strength s (SimCLR Appendix A).
+
+    Returns a dict of [B] tensors: "brightness", "contrast" and "saturation" factors
+    uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s], "hue" shifts uniform in [-0.2 s, 0.2 s],
+    and "order", int32 [B, 4], a uniformly random permutation of the four operations
+    (0 brightness, 1 contrast, 2 saturation, 3 hue) giving the order they are applied in.
+    """
+    seeds = _split_seed(seed, 5)
+    low, high = max(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength
+    max_hue = 0.2 * strength
+    return {
+        "brightness": stateless_uniform(seeds[0], [batch_size], low, high),
+        "contrast": stateless_uniform(seeds[1], [batch_size], low, high),
+        "saturation": stateless_uniform(seeds[2], [batch_size], low, high),
+        "hue": stateless_uniform(seeds[3], [batch_size], -max_hue, max_hue),
+        # Sorting i.i.d. uniforms gives a uniformly random permutation.
+        "order": tf.argsort(stateless_uniform(seeds[4], [batch_size, 4]), axis=1),
+    }
+
+
+def color_jitter(images, parameters):
+    """Applies the four colour operations in each image's own order, clipping after each.
+
+    At each of the four steps every image needs one operation. Brightness and contrast are
+    evaluated for the whole batch, and saturation and hue share a single HSV round trip
+    in which each image changes only the channel its operation names; each image then
+    keeps its own operation's result. This stays batched at the cost of evaluating a few
+    cheap operations that are thrown away.
+
+    Args:
+        images: float32 [B, H, W, 3].
+        parameters: dict from `sample_color_jitter_parameters`.
+
+    Returns:
+        float32 [B, H, W, 3] in [0, 1].
+    """
+    for step in range(4):
+        # [B, 1, 1, 1] for choosing between images, [B, 1, 1] for HSV channels.
+        operation = tf.reshape(parameters["order"][:, step], [-1, 1, 1, 1])
+        channel_operation = operation[..., 0]
+        hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+        hue = tf.where(channel_operation == _HUE, _shift_hue(hue, parameters["hue"]), hue)
+        saturation = tf.where(
+            channel_operation == _SATURATION,
+            _scale_saturation(saturation, parameters["saturation"]),
+            saturation,
+        )
+        recoloured = tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+        images = tf.where(
+            operation == _BRIGHTNESS,
+            adjust_brightness(images, parameters["brightness"]),
+            tf.where(
+                operation == _CONTRAST,
+                adjust_contrast(images, parameters["contrast"]),
+                recoloured,
+            ),
+        )
+        images = tf.clip_by_value(images, 0.0, 1.0)
+    return images
+
+
+# --------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------
+
+
+def _pair(size):
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
+def _check_range(name, value_range, low=None, high=None):
+    first, second = value_range
+    if first > second:
+        raise ValueError(f"{name} must be (low, high) with low <= high, got {value_range}.")
+    if (low is not None and first < low) or (high is not None and second > high):
+        raise ValueError(f"{name} must lie within [{low}, {high}], got {value_range}.")
+    return (float(first), float(second))
+
+
+def _check_probability(name, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="simclr_keras")
+class SimCLRAugmentation(keras.layers.Layer):
+    """SimCLR's random view augmentation (Chen et al. 2020, arXiv:2002.05709, App. A).
+
+    In training mode every image of a batch independently gets, in this order: a random
+    resized crop (bicubic), a horizontal flip, a colour distortion (random-order
+    brightness, contrast, saturation and hue, applied with `color_jitter_probability`),
+    grayscale conversion and, if `use_blur`, a Gaussian blur; see the module docstring.
+    In inference mode it only centre-crops `eval_crop_fraction` of the image and resizes
+    it with the same bicubic interpolation. The output is always float32 in [0, 1], the
+    scale of the official code.
+
+    The whole computation is batched and compiles with XLA (`jit_compile=True`). When a
+    `seed` tensor is passed to `call`, only stateless random ops are used, so the output
+    is a deterministic function of (images, seed) — use this inside `tf.data` pipelines
+    with parallel `map`. Without it a seed is drawn from the layer's
+    `keras.random.SeedGenerator`, so successive calls give different views.
+
+    Args:
+        image_size: output side (int) or (height, width).
+        crop_area_range: range of the crop's area as a fraction of the image area.
+        aspect_ratio_range: range of the crop's width / height.
+        flip_probability: probability of a horizontal flip.
+        color_jitter_strength: s; factors in [max(0, 1 - 0.8 s), 1 + 0.8 s] and hue
+            shifts in [-0.2 s, 0.2 s]. The paper uses 1.0 on ImageNet, 0.5 on CIFAR-10.
+        color_jitter_probability: probability of applying the colour distortion.
+        grayscale_probability: probability of converting to grayscale.
+        use_blur: whether to blur (the paper blurs on ImageNet, not on CIFAR-10).
+        blur_probability: probability of blurring an image when `use_blur`.
+        blur_sigma_range: range of the blur's standard deviation in pixels.
+        value_range: (low, high) range of floating-point inputs; integer inputs are taken
+            to be in [0, 255].
+        eval_crop_fraction: fraction of the image side kept by the inference centre crop
+            (1.0 keeps the whole image when its aspect ratio matches the output's).
+        seed: int seed of the layer's seed generator, or None for a random one.
+        blur_padding: "reflect" (default) or "zeros"; see `gaussian_blur_weights`.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        crop_area_range=(0.08, 1.0),
+        aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+        flip_probability=0.5,
+        color_jitter_strength=1.0,
+        color_jitter_probability=0.8,
+        grayscale_probability=0.2,
+        use_blur=False,
+        blur_probability=0.5,
+        blur_sigma_range=(0.1, 2.0),
+        value_range=(0.0, 255.0),
+        eval_crop_fraction=1.0,
+        seed=None,
+        blur_padding="reflect",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
+        self.output_height, self.output_width = _pair(image_size)
+        if self.output_height < 1 or self.output_width < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}.")
+        self.crop_area_range = _check_range("crop_area_range", crop_area_range, 0.0, 1.0)
+        if self.crop_area_range[1] <= 0.0:
+            raise ValueError(f"crop_area_range must allow a positive area, got {crop_area_range}.")
+        self.aspect_ratio_range = _check_range("aspect_ratio_range", aspect_ratio_range)
+        if self.aspect_ratio_range[0] <= 0.0:
+            raise ValueError(f"aspect_ratio_range must be positive, got {aspect_ratio_range}.")
+        self.flip_probability = _check_probability("flip_probability", flip_probability)
+        if color_jitter_strength < 0:
+            raise ValueError(f"color_jitter_strength must be >= 0, got {color_jitter_strength}.")
+        self.color_jitter_strength = float(color_jitter_strength)
+        self.color_jitter_probability = _check_probability(
+            "color_jitter_probability", color_jitter_probability
+        )
+        self.grayscale_probability = _check_probability(
+            "grayscale_probability", grayscale_probability
+        )
+        self.use_blur = bool(use_blur)
+        self.blur_probability = _check_probability("blur_probability", blur_probability)
+        self.blur_sigma_range = _check_range("blur_sigma_range", blur_sigma_range)
+        if self.blur_sigma_range[0] <= 0.0:
+            raise ValueError(f"blur_sigma_range must be positive, got {blur_sigma_range}.")
+        if value_range[1] <= value_range[0]:
+            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}.")
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        if not 0.0 < eval_crop_fraction <= 1.0:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}.")
+        self.eval_crop_fraction = float(eval_crop_fraction)
+        if blur_padding not in ("reflect", "zeros"):
+            raise ValueError(f"blur_padding must be 'reflect' or 'zeros', got {blur_padding!r}.")
+        self.blur_padding = blur_padding
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        # Inputs are often uint8; Keras must not cast them to the compute dtype first.
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+
+    @property
+    def blur_radius(self):
+        """Filter half-width: the official kernel side is image_height // 10, made odd."""
+        return (self.output_height // 10) // 2
+
+    def _to_unit_range(self, images):
+        if images.dtype.is_integer:
+            return tf.cast(images, tf.float32) / 255.0
+        low, high = self.value_range
+        images = tf.cast(images, tf.float32)
+        if (low, high) == (0.0, 1.0):
+            return images
+        return (images - low) / (high - low)
+
+    def _evaluation_view(self, images):
+        shape = tf.shape(images)
+        batch_size = shape[0]
+        top, left, height, width = center_crop_box(
+            shape[1], shape[2], self.output_height, self.output_width, self.eval_crop_fraction
+        )
+
+        def repeat(value):
+            return tf.fill([batch_size], value)
+
+        images = crop_and_resize(
+            images,
+            repeat(top),
+            repeat(left),
+            repeat(height),
+            repeat(width),
+            (self.output_height, self.output_width),
+        )
+        return tf.clip_by_value(images, 0.0, 1.0)
+
+    def _training_view(self, images, seed):
+        shape = tf.shape(images)
+        batch_size = shape[0]
+        (
+            crop_seed,
+            flip_seed,
+            jitter_seed,
+            jitter_apply_seed,
+            grayscale_seed,
+            blur_seed,
+            blur_apply_seed,
+        ) = _split_seed(seed, 7)
+
+        # 1. Random resized crop, 2. horizontal flip. A flip reverses the output columns,
+        # so it is folded into the column matrix [B, out_w, W] at no extra cost.
+        tops, lefts, heights, widths = sample_crop_boxes(
+            crop_seed,
+            batch_size,
+            shape[1],
+            shape[2],
+            self.crop_area_range,
+            self.aspect_ratio_range,
+        )
+        row_weights = cubic_resize_weights(tops, heights, shape[1], self.output_height)
+        column_weights = cubic_resize_weights(lefts, widths, shape[2], self.output_width)
+        flips = _bernoulli(flip_seed, batch_size, self.flip_probability)
+        column_weights = tf.where(
+            flips[:, None, None], tf.reverse(column_weights, axis=[1]), column_weights
+        )
+        images = separable_resample(images, row_weights, column_weights)
+
+        # 3. Colour distortion. Bicubic overshoot outside [0, 1] is left as in the official
+        # code, where only the jitter's per-op clipping and the final clip remove it.
+        if self.color_jitter_probability > 0.0 and self.color_jitter_strength > 0.0:
+            parameters = sample_color_jitter_parameters(
+                jitter_seed, batch_size, self.color_jitter_strength
+            )
+            jittered = color_jitter(images, parameters)
+            apply = _bernoulli(jitter_apply_seed, batch_size, self.color_jitter_probability)
+            images = tf.where(apply[:, None, None, None], jittered, images)
+
+        # 4. Grayscale.
+        if self.grayscale_probability > 0.0:
+            gray = _bernoulli(grayscale_seed, batch_size, self.grayscale_probability)
+            images = tf.where(gray[:, None, None, None], to_grayscale(images), images)
+
+        # 5. Gaussian blur; images left unblurred get identity matrices.
+        if self.use_blur and self.blur_probability > 0.0:
+            sigmas = stateless_uniform(blur_seed, [batch_size], *self.blur_sigma_range)
+            blur = _bernoulli(blur_apply_seed, batch_size, self.blur_probability)[:, None, None]
+            row_weights = gaussian_blur_weights(
+                sigmas, self.output_height, self.blur_radius, self.blur_padding
+            )
+            column_weights = gaussian_blur_weights(
+                sigmas, self.output_width, self.blur_radius, self.blur_padding
+            )
+            row_weights = tf.where(blur, row_weights, tf.eye(self.output_height)[None])
+            column_weights = tf.where(blur, column_weights, tf.eye(self.output_width)[None])
+            images = separable_resample(images, row_weights, column_weights)
+
+        return tf.clip_by_value(images, 0.0, 1.0)
+
+    def call(self, images, training=True, seed=None):
+        """Augments a batch [B, H, W, 3] (or one image [H, W, 3]).
+
+        Args:
+            images: integer images in [0, 255] or float images in `value_range`.
+            training: random views if True, the deterministic centre crop if False.
+            seed: optional integer tensor of shape [2]; makes the call stateless.
+
+        Returns:
+            float32 [B, out_h, out_w, 3] (or [out_h, out_w, 3]) in [0, 1].
+        """
+        images = tf.convert_to_tensor(images)
+        if images.shape.rank not in (3, 4):
+            raise ValueError(f"Expected images of rank 3 or 4, got shape {images.shape}.")
+        single_image = images.shape.rank == 3
+        if single_image:
+            images = images[None]
+        images = self._to_unit_range(images)
+
+        def training_view():
+            view_seed = self.seed_generator.next() if seed is None else seed
+            return self._training_view(images, _as_seed(view_seed))
+
+        if training is None or isinstance(training, (bool, np.bool_)):
+            outputs = training_view() if training in (None, True) else self._evaluation_view(images)
+        else:
+            outputs = tf.cond(
+                tf.cast(training, tf.bool), training_view, lambda: self._evaluation_view(images)
+            )
+        return outputs[0] if single_image else outputs
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) == 3:
+            return (self.output_height, self.output_width, 3)
+        return (input_shape[0], self.output_height, self.output_width, 3)
+
+    def compute_output_spec(self, images, training=True, seed=None):
+        return keras.KerasTensor(self.compute_output_shape(images.shape), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_size": self.image_size,
+                "crop_area_range": self.crop_area_range,
+                "aspect_ratio_range": self.aspect_ratio_range,
+                "flip_probability": self.flip_probability,
+                "color_jitter_strength": self.color_jitter_strength,
+                "color_jitter_probability": self.color_jitter_probability,
+                "grayscale_probability": self.grayscale_probability,
+                "use_blur": self.use_blur,
+                "blur_probability": self.blur_probability,
+                "blur_sigma_range": self.blur_sigma_range,
+                "value_range": self.value_range,
+                "eval_crop_fraction": self.eval_crop_fraction,
+                "seed": self.seed,
+                "blur_padding": self.blur_padding,
+            }
+        )
+        return config

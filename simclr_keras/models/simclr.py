@@ -1,0 +1,225 @@
+"""SimCLR as a `keras.Model` whose `train_step` makes two views, encodes them and applies NT-Xent."""
+
+import keras
+import tensorflow as tf
+
+from simclr_keras import losses
+from simclr_keras.augment import SimCLRAugmentation
+from simclr_keras.backbones import resnet
+from simclr_keras.heads import ProjectionHead
+
+
+@keras.saving.register_keras_serializable(package="simclr_keras")
+class SimCLR(keras.Model):
+    """SimCLR pretraining (Chen et al., ICML 2020, arXiv:2002.05709).
+
+    Each training batch of images (uint8 or float in the augmenter's value range; with or without
+    integer labels) becomes two independently augmented views. Both views go through the encoder f in
+    one pass, so BatchNorm sees the 2N images together (as the official code does), then through the
+    projection head g; NT-Xent on the projections is the loss. When the batch carries labels and
+    `num_classes` is set, an online linear probe on stop_gradient(h) of the first view is trained
+    beside it, as the official code does by default: its loss is added but cannot reach the encoder.
+    Labels below 0 (e.g. STL-10's unlabelled split) are left out of the probe's loss.
+
+    `evaluate` encodes unaugmented images (`augmenter(x, training=False)`, encoder in inference mode)
+    and reports the probe's loss and accuracy over the whole dataset.
+
+    Logged values during training are the current step's (not running means), so that each step of a
+    long run can be inspected; `evaluate` accumulates over its batches.
+
+    Args:
+      encoder: model mapping float images in [0, 1] to the representation h, [B, D].
+      projection_head: layer mapping h to z, [B, proj_dim].
+      augmenter: layer called as `augmenter(images, training=...)` returning float images in [0, 1];
+        `simclr_keras.augment.SimCLRAugmentation`.
+      temperature: NT-Xent temperature tau > 0.
+      num_classes: classes of the online linear probe; None for no probe.
+      freeze_encoder: train only the probe, leaving encoder and head at their initial weights (their
+        BatchNorm statistics still adapt): the randomly-initialised-encoder baseline.
+    """
+
+    def __init__(
+        self,
+        encoder,
+        projection_head,
+        augmenter,
+        temperature=0.1,
+        num_classes=None,
+        freeze_encoder=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be None or >= 2, got {num_classes!r}.")
+        if freeze_encoder and not num_classes:
+            raise ValueError("freeze_encoder=True trains only the linear probe, so it needs num_classes.")
+        self.encoder = encoder
+        self.projection_head = projection_head
+        self.augmenter = augmenter
+        self.temperature = float(temperature)
+        self.num_classes = num_classes
+        self.freeze_encoder = bool(freeze_encoder)
+        self.probe = (
+            keras.layers.Dense(num_classes, dtype="float32", name="linear_probe") if num_classes else None
+        )
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.contrastive_accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
+        self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
+        self.probe_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="probe_accuracy")
+
+        # Build the head and probe now, so that weights exist before `fit`, checkpoint restores and
+        # `.keras` loading.
+        representation_shape = tuple(encoder.output.shape)
+        for layer in (self.projection_head, self.probe):
+            if layer is not None and not layer.built:  # deserialised layers arrive built
+                layer.build(representation_shape)
+
+    @property
+    def metrics(self):
+        trackers = [self.loss_tracker, self.contrastive_accuracy_tracker]
+        if self.probe is not None:
+            trackers += [self.probe_loss_tracker, self.probe_accuracy_tracker]
+        return trackers
+
+    def call(self, images, training=False):
+        """Returns the projections z of images preprocessed for evaluation (no random views)."""
+        views = self.augmenter(images, training=False)
+        return self.projection_head(self.encoder(views, training=training), training=training)
+
+    @property
+    def trained_variables(self):
+        """The variables the optimizer updates: all trainable ones, or only the probe's when frozen."""
+        if self.freeze_encoder:
+            return list(self.probe.trainable_weights) if self.probe is not None else []
+        return self.trainable_weights
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        batch_size = tf.shape(images)[0]
+        views = tf.concat(
+            [self.augmenter(images, training=True), self.augmenter(images, training=True)], axis=0
+        )  # (2N, S, S, 3): view 1 of every image, then view 2
+        variables = self.trained_variables
+
+        with tf.GradientTape() as tape:
+            representation = self.encoder(views, training=True)  # (2N, D)
+            projection = self.projection_head(representation, training=True)  # (2N, proj_dim)
+            z1, z2 = projection[:batch_size], projection[batch_size:]
+            contrastive_loss, contrastive_accuracy = losses.nt_xent_with_accuracy(z1, z2, self.temperature)
+            total_loss = contrastive_loss
+            if self.probe is not None and labels is not None:
+                probe_logits = self.probe(tf.stop_gradient(representation[:batch_size]))
+                probe_loss = self._update_probe_metrics(labels, probe_logits, reset=True)
+                total_loss += probe_loss
+            # Keras sums gradients over replicas; each replica's loss is its share of the global mean.
+            replica_loss = total_loss / tf.distribute.get_strategy().num_replicas_in_sync
+            scaled_loss = self.optimizer.scale_loss(replica_loss)
+
+        gradients = tape.gradient(scaled_loss, variables)
+        learning_rate = self.optimizer.learning_rate  # the rate this step uses, before the update
+        self.optimizer.apply_gradients(zip(gradients, variables))
+
+        for tracker, value in [
+            (self.loss_tracker, contrastive_loss),
+            (self.contrastive_accuracy_tracker, contrastive_accuracy),
+        ]:
+            tracker.reset_state()
+            tracker.update_state(value)
+        logs = {tracker.name: tracker.result() for tracker in self.metrics}
+        logs["learning_rate"] = tf.cast(learning_rate, tf.float32)
+        return logs
+
+    def _update_probe_metrics(self, labels, probe_logits, reset):
+        """Updates the probe trackers from [N] labels and [N, C] logits; returns the mean loss."""
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        labelled = tf.cast(labels >= 0, tf.float32)  # unlabelled images carry label -1
+        safe_labels = tf.maximum(labels, 0)
+        per_image = keras.losses.sparse_categorical_crossentropy(safe_labels, probe_logits, from_logits=True)
+        probe_loss = tf.reduce_sum(per_image * labelled) / tf.maximum(tf.reduce_sum(labelled), 1.0)
+        if reset:
+            self.probe_loss_tracker.reset_state()
+            self.probe_accuracy_tracker.reset_state()
+        self.probe_loss_tracker.update_state(per_image, sample_weight=labelled)
+        self.probe_accuracy_tracker.update_state(safe_labels, probe_logits, sample_weight=labelled)
+        return probe_loss
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if self.probe is None or labels is None:
+            raise ValueError(
+                "SimCLR.evaluate needs a dataset of (images, labels) and a model built with num_classes."
+            )
+        representation = self.encoder(self.augmenter(images, training=False), training=False)
+        self._update_probe_metrics(labels, self.probe(representation), reset=False)
+        return {tracker.name: tracker.result() for tracker in (self.probe_loss_tracker, self.probe_accuracy_tracker)}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "encoder": keras.saving.serialize_keras_object(self.encoder),
+                "projection_head": keras.saving.serialize_keras_object(self.projection_head),
+                "augmenter": keras.saving.serialize_keras_object(self.augmenter),
+                "temperature": self.temperature,
+                "num_classes": self.num_classes,
+                "freeze_encoder": self.freeze_encoder,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("encoder", "projection_head", "augmenter"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def build_simclr(
+    image_size=32,
+    backbone="resnet18",
+    width_multiplier=1,
+    proj_layers=2,
+    proj_dim=128,
+    temperature=0.5,
+    color_jitter_strength=0.5,
+    use_blur=False,
+    num_classes=None,
+    freeze_encoder=False,
+    synchronized_batch_norm=False,
+    seed=None,
+):
+    """A SimCLR model from the settings of the command line (and of the configs/ recipes).
+
+    `backbone` is "resnet18", "resnet34" or "resnet50"; the stem is chosen from `image_size` (CIFAR
+    stem at 32 px and below).
+    """
+    depths = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
+    if backbone not in depths:
+        raise ValueError(f"backbone must be one of {sorted(depths)}, got {backbone!r}.")
+    encoder = resnet(
+        depth=depths[backbone],
+        width_multiplier=width_multiplier,
+        image_size=image_size,
+        synchronized_batch_norm=synchronized_batch_norm,
+        name="encoder",
+    )
+    return SimCLR(
+        encoder=encoder,
+        projection_head=ProjectionHead(
+            num_layers=proj_layers,
+            output_dim=proj_dim,
+            synchronized_batch_norm=synchronized_batch_norm,
+            name="projection_head",
+        ),
+        augmenter=SimCLRAugmentation(
+            image_size, color_jitter_strength=color_jitter_strength, use_blur=use_blur, seed=seed, name="augmenter"
+        ),
+        temperature=temperature,
+        num_classes=num_classes,
+        freeze_encoder=freeze_encoder,
+        name="simclr",
+    )

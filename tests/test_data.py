@@ -1,0 +1,132 @@
+"""Image folder and TFDS pipelines: labels, decoding, order, determinism and resumption."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simclr_keras import data
+
+
+def _write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, tf.io.encode_png(array))
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """train: 3 classes with 3, 2, 1 images; test: 1 per class; unlabeled: 2 loose images."""
+    rng = np.random.default_rng(0)
+    counts = {"cat": 3, "ant": 2, "bee": 1}
+    for name, count in counts.items():
+        for index in range(count):
+            _write_png(str(tmp_path / "train" / name / f"{index}.png"), rng.integers(0, 256, (8, 8, 3), np.uint8))
+        _write_png(str(tmp_path / "test" / name / "0.png"), rng.integers(0, 256, (8, 8, 3), np.uint8))
+    for index in range(2):
+        _write_png(str(tmp_path / "unlabeled" / f"u{index}.png"), rng.integers(0, 256, (8, 8, 3), np.uint8))
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_folder_classes_are_sorted_names_and_order_is_round_robin(small_folder):
+    paths, labels, class_names = data.list_image_folder(str(small_folder), "train")
+    assert class_names == ("ant", "bee", "cat")
+    # First image of every class, then the second of those that have one, then the third.
+    assert labels == [0, 1, 2, 0, 2, 2]
+    assert [os.path.basename(p) for p in paths] == ["0.png", "0.png", "0.png", "1.png", "1.png", "2.png"]
+    assert not any(p.endswith(".txt") for p in paths)
+
+
+def test_unlabeled_images_get_label_minus_one_and_splits_join(small_folder):
+    assert data.default_pretraining_split(f"folder:{small_folder}") == "train+unlabeled"
+    _, labels, _ = data.list_image_folder(str(small_folder), "train+unlabeled")
+    assert labels[-2:] == [-1, -1] and len(labels) == 8
+
+
+def test_folder_images_decode_to_the_files_pixels_and_resize(small_folder, tmp_path):
+    dataset, info = data.load_images(f"folder:{small_folder}", "test", image_size=8)
+    assert (info.num_examples, info.num_classes) == (3, 3)
+    images, labels = zip(*[(x.numpy(), int(y)) for x, y in dataset])
+    paths, expected_labels, _ = data.list_image_folder(str(small_folder), "test")
+    assert list(labels) == expected_labels
+    for image, path in zip(images, paths):
+        assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
+        np.testing.assert_array_equal(image, tf.io.decode_png(tf.io.read_file(path)).numpy())
+
+    resized, _ = data.load_images(f"folder:{small_folder}", "test", image_size=4)
+    image = next(iter(resized))[0].numpy()
+    assert image.shape == (4, 4, 3)
+    # A 2x downscale with antialiasing averages 2x2 blocks (approximately, the bicubic filter is wider).
+    block_means = images[0].reshape(4, 2, 4, 2, 3).mean(axis=(1, 3))
+    assert np.abs(image.astype(float) - block_means).mean() < 40
+
+
+def test_real_cifar10_subset_is_class_balanced(cifar10_500):
+    dataset, info = data.load_images(f"folder:{cifar10_500}", "train", image_size=32, max_examples=100)
+    labels = np.array([int(y) for _, y in dataset])
+    assert info.num_examples == 100 and info.num_classes == 10
+    np.testing.assert_array_equal(np.bincount(labels), np.full(10, 10))
+
+
+def _batches_as_arrays(dataset, count):
+    return [x.numpy() for x, _ in dataset.take(count)]
+
+
+def test_training_batches_cover_each_epoch_once_and_resume_exactly(small_folder):
+    dataset, info = data.load_images(f"folder:{small_folder}", "train+unlabeled", image_size=8)
+    stream = data.training_batches(dataset, info, batch_size=4, image_size=8, seed=3)
+    batches = _batches_as_arrays(stream, 6)  # 8 images, 2 steps per epoch, 3 epochs
+    all_images = np.stack([x.numpy() for x, _ in dataset])
+    for epoch in range(3):
+        epoch_images = np.concatenate(batches[2 * epoch : 2 * epoch + 2])
+        # Every image exactly once per epoch: sort both sets of flattened images and compare.
+        np.testing.assert_array_equal(
+            np.sort(epoch_images.reshape(8, -1), axis=0), np.sort(all_images.reshape(8, -1), axis=0)
+        )
+    assert not np.array_equal(batches[0], batches[2]), "epochs should be shuffled differently"
+
+    again = _batches_as_arrays(data.training_batches(dataset, info, 4, 8, seed=3), 6)
+    for first, second in zip(batches, again):
+        np.testing.assert_array_equal(first, second)
+    resumed = _batches_as_arrays(data.training_batches(dataset, info, 4, 8, seed=3, start_step=3), 3)
+    for first, second in zip(batches[3:], resumed):
+        np.testing.assert_array_equal(first, second)
+    other_seed = _batches_as_arrays(data.training_batches(dataset, info, 4, 8, seed=4), 2)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other_seed))
+
+
+def test_batch_larger_than_dataset_is_an_error(small_folder):
+    dataset, info = data.load_images(f"folder:{small_folder}", "train", image_size=8)
+    with pytest.raises(ValueError, match="batch_size=64"):
+        data.training_batches(dataset, info, batch_size=64, image_size=8)
+
+
+def test_missing_folder_split_and_unknown_dataset_name_the_input(small_folder, tmp_path):
+    with pytest.raises(data.DatasetNotFoundError, match="split 'validation'"):
+        data.load_images(f"folder:{small_folder}", "validation", image_size=8)
+    with pytest.raises(data.DatasetNotFoundError, match="no train/ folder"):
+        data.load_images(f"folder:{tmp_path / 'nothing'}", "train", image_size=8)
+    with pytest.raises(data.DatasetNotFoundError, match="unknown dataset 'mnist'"):
+        data.load_images("mnist", "train", image_size=8)
+
+
+def test_missing_tfds_dataset_says_how_to_run_offline(tmp_path):
+    with pytest.raises(data.DatasetNotFoundError, match="--data_dir=DIR.*--dataset=folder:DIR"):
+        data.load_images("cifar10", "train", image_size=32, data_dir=str(tmp_path))
+
+
+def test_tfds_cifar10_and_stl10_unlabelled_through_mock_data():
+    # USE_CODE: split metadata comes from the builder code, not from files this machine lacks.
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        dataset, info = data.load_images("cifar10", "train", image_size=32)
+        images, labels = next(iter(dataset.batch(12)))
+        assert images.shape == (12, 32, 32, 3) and images.dtype == tf.uint8
+        assert info.num_classes == 10 and info.num_examples == 12
+        assert set(labels.numpy()) <= set(range(10))
+
+        split = data.default_pretraining_split("stl10")
+        dataset, info = data.load_images("stl10", split, image_size=32, max_examples=5)
+        images, _ = next(iter(dataset.batch(5)))
+        assert split == "train+unlabelled" and images.shape == (5, 32, 32, 3)

@@ -1,0 +1,137 @@
+"""SimCLR model: train_step behaviour, the online probe, evaluation and saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_keras import LARS, ProjectionHead, SimCLR, SimCLRAugmentation, build_optimizer
+
+IMAGE_SIZE = 16
+
+
+def tiny_encoder():
+    images = keras.Input((None, None, 3))
+    features = keras.layers.Conv2D(32, 3, padding="same", use_bias=False)(images)
+    features = keras.layers.BatchNormalization()(features)
+    features = keras.layers.ReLU()(features)
+    return keras.Model(images, keras.layers.GlobalAveragePooling2D()(features), name="encoder")
+
+
+def tiny_simclr(num_classes=3, freeze_encoder=False, seed=1):
+    keras.utils.set_random_seed(seed)
+    model = SimCLR(
+        encoder=tiny_encoder(),
+        projection_head=ProjectionHead(num_layers=2, output_dim=32),
+        augmenter=SimCLRAugmentation(IMAGE_SIZE, color_jitter_strength=0.5, seed=seed),
+        temperature=0.5,
+        num_classes=num_classes,
+        freeze_encoder=freeze_encoder,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    return model
+
+
+def batch(n=8, labels=True, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return (images, rng.integers(0, 3, n)) if labels else images
+
+
+def weights_of(layer):
+    return [w.numpy().copy() for w in layer.weights]
+
+
+def test_one_step_trains_everything_and_logs_the_steps_values():
+    model = tiny_simclr()
+    encoder_before, head_before = weights_of(model.encoder), weights_of(model.projection_head)
+    history = model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
+    logs = {name: values[-1] for name, values in history.history.items()}
+    assert set(logs) == {"loss", "contrastive_accuracy", "probe_loss", "probe_accuracy", "learning_rate"}
+    assert math.isfinite(logs["loss"]) and logs["loss"] > 0
+    assert logs["learning_rate"] == pytest.approx(0.1)
+    assert 0.0 <= logs["contrastive_accuracy"] <= 1.0
+    assert any(not np.allclose(a, b) for a, b in zip(encoder_before, weights_of(model.encoder)))
+    assert any(not np.allclose(a, b) for a, b in zip(head_before, weights_of(model.projection_head)))
+    assert int(model.optimizer.iterations) == 1
+
+
+def test_probe_gradients_never_reach_the_encoder():
+    images, labels = batch()
+    with_labels, without_labels = tiny_simclr(seed=3), tiny_simclr(seed=3)
+    probe_before = weights_of(with_labels.probe)
+    with_labels.fit(images, labels, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    without_labels.fit(images, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(weights_of(with_labels.encoder), weights_of(without_labels.encoder)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(probe_before[0], with_labels.probe.kernel.numpy())
+    np.testing.assert_allclose(probe_before[0], without_labels.probe.kernel.numpy())
+
+
+def test_unlabelled_examples_do_not_train_the_probe():
+    images, _ = batch()
+    model = tiny_simclr()
+    probe_before = weights_of(model.probe)
+    model.fit(images, np.full(8, -1), batch_size=8, epochs=1, verbose=0)
+    for a, b in zip(probe_before, weights_of(model.probe)):
+        np.testing.assert_allclose(a, b)
+
+
+def test_freeze_encoder_trains_only_the_probe():
+    model = tiny_simclr(freeze_encoder=True)
+    trainable_before = [w.numpy().copy() for w in model.encoder.trainable_weights]
+    probe_before = model.probe.kernel.numpy().copy()
+    model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
+    for a, b in zip(trainable_before, model.encoder.trainable_weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert not np.allclose(probe_before, model.probe.kernel.numpy())
+
+
+def test_evaluate_reports_the_probes_accuracy_on_unaugmented_images():
+    model = tiny_simclr()
+    model.fit(*batch(16), batch_size=8, epochs=2, verbose=0)
+    images, labels = batch(10, seed=5)
+    # Independent computation: encode the resized, scaled images in inference mode, then the probe.
+    scaled = tf.image.resize(images.astype(np.float32) / 255.0, (IMAGE_SIZE, IMAGE_SIZE))
+    logits = model.probe(model.encoder(scaled, training=False)).numpy()
+    expected = float(np.mean(np.argmax(logits, axis=-1) == labels))
+    results = model.evaluate(images, labels, batch_size=4, return_dict=True, verbose=0)
+    assert results["probe_accuracy"] == pytest.approx(expected)
+
+
+def test_config_round_trip_and_keras_file_save_load(tmp_path):
+    model = tiny_simclr()
+    model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
+    clone = SimCLR.from_config(model.get_config())
+    assert (clone.temperature, clone.num_classes, clone.freeze_encoder) == (0.5, 3, False)
+    assert clone.projection_head.output_dim == 32
+
+    path = str(tmp_path / "simclr.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    images, labels = batch(4, seed=9)
+    np.testing.assert_allclose(loaded(images), model(images), atol=1e-5)
+    loaded.fit(images, labels, batch_size=4, epochs=1, verbose=0)  # and it keeps training
+
+
+def test_lars_leaves_the_probe_batchnorm_and_biases_unadapted_and_undecayed():
+    model = tiny_simclr()
+    optimizer = build_optimizer("lars", 1.0, weight_decay=1e-4, exclude_layers=["linear_probe"])
+    assert isinstance(optimizer, LARS)
+    decisions = {
+        v.path: (optimizer.applies_weight_decay(v), optimizer.applies_layer_adaptation(v))
+        for v in model.trainable_variables
+    }
+    for path, (decayed, adapted) in decisions.items():
+        excluded = "linear_probe" in path or path.endswith(("gamma", "beta", "bias"))
+        assert (decayed, adapted) == (not excluded, not excluded), path
+    assert sum(path.endswith("kernel") and "linear_probe" not in path for path in decisions) == 3
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        SimCLR(tiny_encoder(), ProjectionHead(), SimCLRAugmentation(IMAGE_SIZE), temperature=0)
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        SimCLR(tiny_encoder(), ProjectionHead(), SimCLRAugmentation(IMAGE_SIZE), freeze_encoder=True)

@@ -4,7 +4,7 @@ Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning o
 Representations", ICML 2020 (arXiv:2002.05709).
 """
 
-from simclr_keras import losses
+from simclr_keras import data, losses
 from simclr_keras.augment import SimCLRAugmentation
 from simclr_keras.backbones import resnet
 from simclr_keras.heads import ProjectionHead
@@ -21,6 +21,7 @@ __all__ = [
     "WarmupCosineDecay",
     "build_optimizer",
     "build_simclr",
+    "data",
     "losses",
     "resnet",
     "scale_learning_rate",

@@ -381,6 +381,16 @@ def _per_image(factors):
     return tf.reshape(tf.cast(factors, tf.float32), [-1, 1, 1, 1])
 
 
+def _select(mask, when_true, when_false):
+    """Per-image choice between two finite float tensors; `mask` is bool [B, 1, 1(, 1)].
+
+    A 0/1 blend is exact for finite values and several times faster than a broadcasting
+    `tf.where` on CPU outside XLA (as in tf.data pipelines).
+    """
+    mask = tf.cast(mask, when_true.dtype)
+    return when_true * mask + when_false * (1.0 - mask)
+
+
 def adjust_brightness(images, factors):
     """Multiplicative brightness change (official SimCLR "simclrv2" brightness)."""
     return images * _per_image(factors)
@@ -399,7 +409,8 @@ def _scale_saturation(saturation, factors):
 
 def _shift_hue(hue, deltas):
     """[B, H, W] HSV hue in [0, 1) rotated by a per-image delta."""
-    return tf.math.floormod(hue + _per_image(deltas)[..., 0], 1.0)
+    hue = hue + _per_image(deltas)[..., 0]
+    return hue - tf.floor(hue)
 
 
 def adjust_saturation(images, factors):
@@ -464,17 +475,17 @@ def color_jitter(images, parameters):
         operation = tf.reshape(parameters["order"][:, step], [-1, 1, 1, 1])
         channel_operation = operation[..., 0]
         hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-        hue = tf.where(channel_operation == _HUE, _shift_hue(hue, parameters["hue"]), hue)
-        saturation = tf.where(
+        hue = _select(channel_operation == _HUE, _shift_hue(hue, parameters["hue"]), hue)
+        saturation = _select(
             channel_operation == _SATURATION,
             _scale_saturation(saturation, parameters["saturation"]),
             saturation,
         )
         recoloured = tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
-        images = tf.where(
+        images = _select(
             operation == _BRIGHTNESS,
             adjust_brightness(images, parameters["brightness"]),
-            tf.where(
+            _select(
                 operation == _CONTRAST,
                 adjust_contrast(images, parameters["contrast"]),
                 recoloured,
@@ -681,12 +692,12 @@ class SimCLRAugmentation(keras.layers.Layer):
             )
             jittered = color_jitter(images, parameters)
             apply = _bernoulli(jitter_apply_seed, batch_size, self.color_jitter_probability)
-            images = tf.where(apply[:, None, None, None], jittered, images)
+            images = _select(apply[:, None, None, None], jittered, images)
 
         # 4. Grayscale.
         if self.grayscale_probability > 0.0:
             gray = _bernoulli(grayscale_seed, batch_size, self.grayscale_probability)
-            images = tf.where(gray[:, None, None, None], to_grayscale(images), images)
+            images = _select(gray[:, None, None, None], to_grayscale(images), images)
 
         # 5. Gaussian blur; images left unblurred get identity matrices.
         if self.use_blur and self.blur_probability > 0.0:

@@ -129,7 +129,14 @@ def run_training():
         seed=FLAGS.seed,
     )
     model.compile(
-        optimizer=optimizers.build_optimizer(FLAGS.optimizer, schedule, FLAGS.weight_decay, FLAGS.momentum)
+        optimizer=optimizers.build_optimizer(
+            FLAGS.optimizer,
+            schedule,
+            FLAGS.weight_decay,
+            FLAGS.momentum,
+            # As the official code treats its supervised head: the probe is plain momentum SGD.
+            exclude_layers=["linear_probe"],
+        )
     )
     manager, start_step = callbacks.make_checkpoint_manager(model, os.path.join(FLAGS.model_dir, "checkpoints"))
     _write_flags(os.path.join(FLAGS.model_dir, "flags.txt"))

@@ -1,0 +1,88 @@
+"""`python -m simclr_keras.train` end to end on 500 real CIFAR-10 images: outputs, resuming, errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY_RUN = [
+    "--batch_size=64",
+    "--width_multiplier=0.25",
+    "--temperature=0.5",
+    "--checkpoint_every_n_steps=2",
+    "--eval_batch_size=100",
+]
+
+
+def train(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_keras.train", *flags], capture_output=True, text=True, timeout=300
+    )
+
+
+def read_log(model_dir):
+    with open(os.path.join(model_dir, "train_log.jsonl"), encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.fixture(scope="module")
+def three_step_run(cifar10_500, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    result = train(f"--dataset=folder:{cifar10_500}", f"--model_dir={model_dir}", "--train_steps=3", *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cifar10_500, model_dir, result
+
+
+def test_writes_a_step_log_checkpoints_flags_and_the_probe_result(three_step_run):
+    _, model_dir, result = three_step_run
+    log = read_log(model_dir)
+    assert [record["step"] for record in log] == [1, 2, 3]
+    for record in log:
+        assert {"loss", "contrastive_accuracy", "learning_rate", "time", "probe_accuracy"} <= set(record)
+        # 2N - 1 = 127 candidates per anchor: an untrained encoder scores them nearly alike.
+        assert abs(record["loss"] - math.log(127)) < 0.3, record
+    assert log[0]["time"] <= log[1]["time"] <= log[2]["time"]
+    # Warm-up over the whole 3-step run, from 0 to 1.0 * 64 / 256.
+    assert [round(r["learning_rate"], 6) for r in log] == [0.0, round(0.25 / 3, 6), round(0.5 / 3, 6)]
+
+    checkpoints = sorted(os.listdir(os.path.join(model_dir, "checkpoints")))
+    assert "ckpt-2.index" in checkpoints and "ckpt-3.index" in checkpoints
+    assert os.listdir(os.path.join(model_dir, "tensorboard"))
+    with open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8") as file:
+        results = json.load(file)
+    assert results["num_examples"] == 100 and results["step"] == 3
+    assert 0.0 <= results["probe_accuracy"] <= 1.0
+    assert f"top-1 accuracy {results['probe_accuracy']:.4f}" in result.stdout
+
+
+def test_rerunning_resumes_and_flags_txt_is_a_flagfile(three_step_run):
+    data_dir, model_dir, _ = three_step_run
+    flags_file = os.path.join(model_dir, "flags.txt")
+    with open(flags_file, encoding="utf-8") as file:
+        saved = file.read()
+    assert f"--dataset=folder:{data_dir}" in saved and "--width_multiplier=0.25" in saved
+
+    result = train(f"--flagfile={flags_file}", "--train_steps=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step 3" in result.stdout
+    assert [record["step"] for record in read_log(model_dir)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--temperature=0", "error: --temperature must be > 0, got 0.0."),
+        ("--batch_size=1", "error: --batch_size must be >= 2"),
+        ("--dataset=folder:/no/such/folder", "error: --dataset=folder:/no/such/folder: no train/ folder"),
+        ("--batch_size=1024", "error: --batch_size=1024 exceeds the 500 training images"),
+        ("--backbone=resnet9", "--backbone"),
+    ],
+)
+def test_bad_flags_end_in_one_line_without_traceback(cifar10_500, tmp_path, flag, message):
+    result = train(f"--dataset=folder:{cifar10_500}", f"--model_dir={tmp_path}", "--train_steps=1", flag)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

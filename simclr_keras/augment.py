@@ -91,10 +91,12 @@ def _split_seed(seed, count):
 
 
 def stateless_uniform(seed, shape, minval=0.0, maxval=1.0):
-    """Uniform float32 samples in [minval, maxval), a deterministic function of `seed`.
+    """Uniform float32 samples between minval and maxval, a deterministic function of `seed`.
 
-    Unlike `tf.random.stateless_uniform` for floats, the values are identical inside and
-    outside an XLA cluster (see `_UNIFORM_BITS`).
+    The unit draw lies on the grid k / 2**24, k < 2**24, so `stateless_uniform(...) < p`
+    is True with probability exactly p for p in {0, 1}. Unlike `tf.random.stateless_uniform`
+    for floats, the values are identical inside and outside an XLA cluster (see
+    `_UNIFORM_BITS`).
 
     Args:
         seed: integer tensor of shape [2].
@@ -184,7 +186,9 @@ def sample_crop_boxes(
     heights = tf.where(
         any_fit, tf.gather(candidate_heights, first_fit, batch_dims=1), fallback_height
     )
-    widths = tf.where(any_fit, tf.gather(candidate_widths, first_fit, batch_dims=1), fallback_width)
+    widths = tf.where(
+        any_fit, tf.gather(candidate_widths, first_fit, batch_dims=1), fallback_width
+    )
 
     def random_offset(offset_seed, slack):
         # Uniform integer in [0, slack]; the minimum guards float rounding of u * (slack + 1).
@@ -219,7 +223,9 @@ def center_crop_box(image_height, image_width, output_height, output_width, crop
     crop_height = tf.where(
         output_wider, crop_fraction / aspect_ratio * width, crop_fraction * height
     )
-    crop_width = tf.where(output_wider, crop_fraction * width, crop_fraction * aspect_ratio * height)
+    crop_width = tf.where(
+        output_wider, crop_fraction * width, crop_fraction * aspect_ratio * height
+    )
     crop_height = tf.maximum(tf.cast(tf.math.rint(crop_height), tf.int32), 1)
     crop_width = tf.maximum(tf.cast(tf.math.rint(crop_width), tf.int32), 1)
     top = (tf.cast(image_height, tf.int32) - crop_height + 1) // 2
@@ -579,8 +585,11 @@ class SimCLRAugmentation(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
         self.output_height, self.output_width = _pair(image_size)
+        if isinstance(image_size, (int, np.integer)):
+            self.image_size = int(image_size)
+        else:
+            self.image_size = (self.output_height, self.output_width)
         if self.output_height < 1 or self.output_width < 1:
             raise ValueError(f"image_size must be positive, got {image_size}.")
         self.crop_area_range = _check_range("crop_area_range", crop_area_range, 0.0, 1.0)
@@ -605,7 +614,7 @@ class SimCLRAugmentation(keras.layers.Layer):
         if self.blur_sigma_range[0] <= 0.0:
             raise ValueError(f"blur_sigma_range must be positive, got {blur_sigma_range}.")
         if value_range[1] <= value_range[0]:
-            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}.")
+            raise ValueError(f"value_range must be (low, high), low < high, got {value_range}.")
         self.value_range = (float(value_range[0]), float(value_range[1]))
         if not 0.0 < eval_crop_fraction <= 1.0:
             raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}.")
@@ -739,7 +748,8 @@ class SimCLRAugmentation(keras.layers.Layer):
             return self._training_view(images, _as_seed(view_seed))
 
         if training is None or isinstance(training, (bool, np.bool_)):
-            outputs = training_view() if training in (None, True) else self._evaluation_view(images)
+            training = True if training is None else bool(training)
+            outputs = training_view() if training else self._evaluation_view(images)
         else:
             outputs = tf.cond(
                 tf.cast(training, tf.bool), training_view, lambda: self._evaluation_view(images)

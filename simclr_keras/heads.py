@@ -138,3 +138,51 @@ class ProjectionHead(keras.layers.Layer):
             }
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="simclr_keras")
+class LinearProbe(keras.layers.Layer):
+    """Linear classifier on (frozen) representations: parameter-free BatchNorm, then Dense.
+
+    The BatchNorm has no scale or offset, so at inference (moving statistics) the probe is still an
+    affine map of h; it only standardises each feature, which keeps plain SGD on the probe stable at
+    the pretraining learning rate (He et al., "Masked Autoencoders Are Scalable Vision Learners",
+    CVPR 2022, add the same normalisation before their linear probe). Always float32.
+
+    Args:
+        num_classes: number of classes (>= 2).
+
+    Returns logits, float32 [B, num_classes].
+    """
+
+    def __init__(self, num_classes, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, received num_classes={num_classes!r}.")
+        self.num_classes = num_classes
+        self.normalization = keras.layers.BatchNormalization(
+            center=False,
+            scale=False,
+            momentum=BATCH_NORM_MOMENTUM,
+            epsilon=BATCH_NORM_EPSILON,
+            dtype="float32",
+            name="feature_normalization",
+        )
+        self.classifier = keras.layers.Dense(num_classes, dtype="float32", name="classifier")
+
+    def build(self, input_shape):
+        self.normalization.build(input_shape)
+        self.classifier.build(input_shape)
+
+    def call(self, inputs, training=False):
+        features = ops.cast(inputs, "float32")
+        return self.classifier(self.normalization(features, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.num_classes)
+
+    def get_config(self):
+        config = super().get_config()
+        config["num_classes"] = self.num_classes
+        return config

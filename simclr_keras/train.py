@@ -91,7 +91,10 @@ def run_training():
 
     keras.utils.set_random_seed(FLAGS.seed)
     keras.mixed_precision.set_dtype_policy(FLAGS.precision)
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    try:
+        os.makedirs(FLAGS.model_dir, exist_ok=True)
+    except OSError as error:
+        _fail(f"--model_dir={FLAGS.model_dir} cannot be created ({error.strerror}); pass a writable directory.")
 
     train_split = FLAGS.train_split or data.default_pretraining_split(FLAGS.dataset)
     try:

@@ -167,3 +167,23 @@ def test_mixed_precision_output_is_float32():
 def test_bad_arguments_raise_value_error(arguments, message):
     with pytest.raises(ValueError, match=message):
         ProjectionHead(**arguments)
+
+
+def test_linear_probe_is_affine_in_h_at_inference_and_standardises_in_training():
+    from simclr_keras.heads import LinearProbe
+
+    rng = np.random.default_rng(0)
+    probe = LinearProbe(3)
+    probe.build((None, 5))
+    mean, variance = rng.normal(size=5), rng.uniform(0.5, 2.0, size=5)
+    probe.normalization.moving_mean.assign(mean)
+    probe.normalization.moving_variance.assign(variance)
+    h = rng.normal(size=(4, 5)).astype(np.float32) * 3 + 1
+    kernel, bias = probe.classifier.kernel.numpy(), probe.classifier.bias.numpy()
+    expected = ((h - mean) / np.sqrt(variance + 1e-5)) @ kernel + bias
+    np.testing.assert_allclose(probe(h, training=False), expected, rtol=1e-4, atol=1e-5)
+    standardised = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+    np.testing.assert_allclose(probe(h, training=True), standardised @ kernel + bias, rtol=1e-4, atol=1e-4)
+    assert [w.name for w in probe.trainable_weights] == ["kernel", "bias"]
+    with pytest.raises(ValueError, match="num_classes=1"):
+        LinearProbe(1)

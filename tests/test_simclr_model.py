@@ -61,32 +61,32 @@ def test_one_step_trains_everything_and_logs_the_steps_values():
 def test_probe_gradients_never_reach_the_encoder():
     images, labels = batch()
     with_labels, without_labels = tiny_simclr(seed=3), tiny_simclr(seed=3)
-    probe_before = weights_of(with_labels.probe)
+    kernel_before = with_labels.probe.classifier.kernel.numpy().copy()
     with_labels.fit(images, labels, batch_size=8, epochs=1, verbose=0, shuffle=False)
     without_labels.fit(images, batch_size=8, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(weights_of(with_labels.encoder), weights_of(without_labels.encoder)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert not np.allclose(probe_before[0], with_labels.probe.kernel.numpy())
-    np.testing.assert_allclose(probe_before[0], without_labels.probe.kernel.numpy())
+    assert not np.allclose(kernel_before, with_labels.probe.classifier.kernel.numpy())
+    np.testing.assert_allclose(kernel_before, without_labels.probe.classifier.kernel.numpy())
 
 
 def test_unlabelled_examples_do_not_train_the_probe():
     images, _ = batch()
     model = tiny_simclr()
-    probe_before = weights_of(model.probe)
+    probe_before = [w.numpy().copy() for w in model.probe.trainable_weights]
     model.fit(images, np.full(8, -1), batch_size=8, epochs=1, verbose=0)
-    for a, b in zip(probe_before, weights_of(model.probe)):
-        np.testing.assert_allclose(a, b)
+    for a, b in zip(probe_before, model.probe.trainable_weights):
+        np.testing.assert_allclose(a, b.numpy())
 
 
 def test_freeze_encoder_trains_only_the_probe():
     model = tiny_simclr(freeze_encoder=True)
     trainable_before = [w.numpy().copy() for w in model.encoder.trainable_weights]
-    probe_before = model.probe.kernel.numpy().copy()
+    probe_before = model.probe.classifier.kernel.numpy().copy()
     model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
     for a, b in zip(trainable_before, model.encoder.trainable_weights):
         np.testing.assert_array_equal(a, b.numpy())
-    assert not np.allclose(probe_before, model.probe.kernel.numpy())
+    assert not np.allclose(probe_before, model.probe.classifier.kernel.numpy())
 
 
 def test_evaluate_reports_the_probes_accuracy_on_unaugmented_images():
@@ -135,3 +135,18 @@ def test_bad_arguments_name_the_value():
         SimCLR(tiny_encoder(), ProjectionHead(), SimCLRAugmentation(IMAGE_SIZE), temperature=0)
     with pytest.raises(ValueError, match="freeze_encoder"):
         SimCLR(tiny_encoder(), ProjectionHead(), SimCLRAugmentation(IMAGE_SIZE), freeze_encoder=True)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_with_float32_loss_and_weights(policy):
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        model = tiny_simclr()
+        history = model.fit(*batch(), batch_size=8, epochs=2, verbose=0)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert all(math.isfinite(value) for value in history.history["loss"])
+    assert model.encoder.layers[1].compute_dtype == policy.split("_")[1]
+    assert all(w.dtype == "float32" for w in model.trainable_weights)
+    if policy == "mixed_float16":  # float16 gradients need loss scaling, which compile adds
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)

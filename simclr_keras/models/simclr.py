@@ -6,7 +6,7 @@ import tensorflow as tf
 from simclr_keras import losses
 from simclr_keras.augment import SimCLRAugmentation
 from simclr_keras.backbones import resnet
-from simclr_keras.heads import ProjectionHead
+from simclr_keras.heads import LinearProbe, ProjectionHead
 
 
 @keras.saving.register_keras_serializable(package="simclr_keras")
@@ -17,8 +17,9 @@ class SimCLR(keras.Model):
     integer labels) becomes two independently augmented views. Both views go through the encoder f in
     one pass, so BatchNorm sees the 2N images together (as the official code does), then through the
     projection head g; NT-Xent on the projections is the loss. When the batch carries labels and
-    `num_classes` is set, an online linear probe on stop_gradient(h) of the first view is trained
-    beside it, as the official code does by default: its loss is added but cannot reach the encoder.
+    `num_classes` is set, an online linear probe (`heads.LinearProbe`) on stop_gradient(h) of the
+    first view is trained beside it, as the official code does by default: its loss is added but
+    cannot reach the encoder.
     Labels below 0 (e.g. STL-10's unlabelled split) are left out of the probe's loss.
 
     `evaluate` encodes unaugmented images (`augmenter(x, training=False)`, encoder in inference mode)
@@ -61,9 +62,7 @@ class SimCLR(keras.Model):
         self.temperature = float(temperature)
         self.num_classes = num_classes
         self.freeze_encoder = bool(freeze_encoder)
-        self.probe = (
-            keras.layers.Dense(num_classes, dtype="float32", name="linear_probe") if num_classes else None
-        )
+        self.probe = LinearProbe(num_classes, name="linear_probe") if num_classes else None
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.contrastive_accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
@@ -111,7 +110,7 @@ class SimCLR(keras.Model):
             contrastive_loss, contrastive_accuracy = losses.nt_xent_with_accuracy(z1, z2, self.temperature)
             total_loss = contrastive_loss
             if self.probe is not None and labels is not None:
-                probe_logits = self.probe(tf.stop_gradient(representation[:batch_size]))
+                probe_logits = self.probe(tf.stop_gradient(representation[:batch_size]), training=True)
                 probe_loss = self._update_probe_metrics(labels, probe_logits, reset=True)
                 total_loss += probe_loss
             # Keras sums gradients over replicas; each replica's loss is its share of the global mean.
@@ -153,7 +152,7 @@ class SimCLR(keras.Model):
                 "SimCLR.evaluate needs a dataset of (images, labels) and a model built with num_classes."
             )
         representation = self.encoder(self.augmenter(images, training=False), training=False)
-        self._update_probe_metrics(labels, self.probe(representation), reset=False)
+        self._update_probe_metrics(labels, self.probe(representation, training=False), reset=False)
         return {tracker.name: tracker.result() for tracker in (self.probe_loss_tracker, self.probe_accuracy_tracker)}
 
     def get_config(self):

@@ -87,17 +87,3 @@ class StopAtStep(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if _global_step(self.model) >= self.total_steps:
             self.model.stop_training = True
-
-
-def make_checkpoint_manager(model, directory, max_to_keep=3):
-    """A tf.train.CheckpointManager over the model and its optimizer, restoring the latest if any.
-
-    Returns (manager, restored_step); restored_step is 0 for a fresh run.
-    """
-    # Slot variables must exist before restoring, since Keras 3 optimizers create them in build().
-    model.optimizer.build(model.trained_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    return manager, _global_step(model)

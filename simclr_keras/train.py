@@ -86,7 +86,7 @@ def run_training():
     # Heavy imports after flag parsing, so that --help and flag errors are instant.
     import keras
 
-    from simclr_keras import callbacks, data, optimizers
+    from simclr_keras import callbacks, data, optimizers, runs
     from simclr_keras.models.simclr import build_simclr
 
     keras.utils.set_random_seed(FLAGS.seed)
@@ -141,7 +141,8 @@ def run_training():
             exclude_layers=["linear_probe"],
         )
     )
-    manager, start_step = callbacks.make_checkpoint_manager(model, os.path.join(FLAGS.model_dir, "checkpoints"))
+    manager, start_step = runs.make_checkpoint_manager(model, FLAGS.model_dir)
+    runs.save_model_config(model, FLAGS.model_dir)
     _write_flags(os.path.join(FLAGS.model_dir, "flags.txt"))
     print(
         f"{train_info.num_examples} training images ({FLAGS.dataset}:{train_split}), {steps_per_epoch} steps per "

@@ -58,6 +58,21 @@ def test_writes_a_step_log_checkpoints_flags_and_the_probe_result(three_step_run
     assert f"top-1 accuracy {results['probe_accuracy']:.4f}" in result.stdout
 
 
+def test_the_run_reloads_with_the_probe_accuracy_it_reported(three_step_run):
+    from simclr_keras import data, runs
+
+    data_dir, model_dir, _ = three_step_run
+    model = runs.load_model(model_dir)
+    test_images, test_info = data.load_images(f"folder:{data_dir}", "test", image_size=32)
+    results = model.evaluate(data.evaluation_batches(test_images, test_info, 100, 32), return_dict=True, verbose=0)
+    with open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8") as file:
+        reported = json.load(file)
+    assert results["probe_accuracy"] == pytest.approx(reported["probe_accuracy"], abs=1e-6)
+    assert results["probe_loss"] == pytest.approx(reported["probe_loss"], rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="model_config.json is missing"):
+        runs.load_model(data_dir)
+
+
 def test_rerunning_resumes_and_flags_txt_is_a_flagfile(three_step_run):
     data_dir, model_dir, _ = three_step_run
     flags_file = os.path.join(model_dir, "flags.txt")

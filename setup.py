@@ -25,5 +25,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
+        # For the README's gRPC client (Serving section). Its metadata requires the full `tensorflow` wheel
+        # (572 MB), which pip then installs over tensorflow-cpu's files; beside tensorflow-cpu prefer
+        # `pip install --no-deps tensorflow-serving-api==2.21.0` (grpcio and protobuf 7 are already there).
+        "serving": ["tensorflow-serving-api==2.21.0"],
     },
 )

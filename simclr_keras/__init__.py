@@ -7,6 +7,7 @@ Representations", ICML 2020 (arXiv:2002.05709).
 from simclr_keras import data, losses
 from simclr_keras.augment import SimCLRAugmentation
 from simclr_keras.backbones import resnet
+from simclr_keras.export import export_encoder, load_encoder
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.simclr import SimCLR, build_simclr
 from simclr_keras.optimizers import LARS, WarmupCosineDecay, build_optimizer, scale_learning_rate
@@ -22,6 +23,8 @@ __all__ = [
     "build_optimizer",
     "build_simclr",
     "data",
+    "export_encoder",
+    "load_encoder",
     "losses",
     "resnet",
     "scale_learning_rate",

@@ -84,6 +84,19 @@ def _as_seed(seed):
     return tf.bitwise.bitwise_and(tf.reshape(seed, [2]), 0x7FFFFFFF)
 
 
+def _distinct_per_replica(seed):
+    """Folds the replica id into `seed` inside a multi-replica `strategy.run`.
+
+    The seed generator's state is mirrored, so every replica would otherwise draw the same views
+    for its share of the batch (the pitfall of Keras' core random layers under tf.distribute).
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return seed
+    replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    return tf.random.experimental.stateless_fold_in(_as_seed(seed), replica_id)
+
+
 def _split_seed(seed, count):
     """Returns `count` independent [2] seeds derived from `seed`."""
     seeds = tf.random.experimental.stateless_split(_as_seed(seed), num=count)
@@ -744,7 +757,7 @@ class SimCLRAugmentation(keras.layers.Layer):
         images = self._to_unit_range(images)
 
         def training_view():
-            view_seed = self.seed_generator.next() if seed is None else seed
+            view_seed = seed if seed is not None else _distinct_per_replica(self.seed_generator.next())
             return self._training_view(images, _as_seed(view_seed))
 
         if training is None or isinstance(training, (bool, np.bool_)):

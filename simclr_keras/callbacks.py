@@ -4,6 +4,7 @@ import json
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -35,7 +36,8 @@ class StepLogger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = _global_step(self.model)
-        values = {name: float(value) for name, value in (logs or {}).items()}
+        # np.mean: multi-worker logs arrive with shape [1] (see SimCLR._reducible).
+        values = {name: float(np.mean(value)) for name, value in (logs or {}).items()}
         self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._file.flush()
         if self._writer is not None:

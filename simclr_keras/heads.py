@@ -107,6 +107,11 @@ class ProjectionHead(keras.layers.Layer):
             current_dim = units
         self.dense_layers = dense_layers
         self.batch_norm_layers = batch_norm_layers
+        # tf.train.Checkpoint does not see into these lists: name every sublayer as an attribute too,
+        # or checkpoints would silently lose the head's BatchNorm statistics.
+        for layer_index, (dense, batch_norm) in enumerate(zip(dense_layers, batch_norm_layers)):
+            setattr(self, f"dense_{layer_index}", dense)
+            setattr(self, f"batch_norm_{layer_index}", batch_norm)
 
     def call(self, inputs, training=None):
         outputs = inputs
@@ -151,17 +156,20 @@ class LinearProbe(keras.layers.Layer):
 
     Args:
         num_classes: number of classes (>= 2).
+        synchronized_batch_norm: standardise with statistics of the global batch across replicas.
 
     Returns logits, float32 [B, num_classes].
     """
 
-    def __init__(self, num_classes, **kwargs):
+    def __init__(self, num_classes, synchronized_batch_norm=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, received num_classes={num_classes!r}.")
         self.num_classes = num_classes
+        self.synchronized_batch_norm = bool(synchronized_batch_norm)
         self.normalization = keras.layers.BatchNormalization(
+            synchronized=self.synchronized_batch_norm,
             center=False,
             scale=False,
             momentum=BATCH_NORM_MOMENTUM,
@@ -184,5 +192,5 @@ class LinearProbe(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config["num_classes"] = self.num_classes
+        config.update({"num_classes": self.num_classes, "synchronized_batch_norm": self.synchronized_batch_norm})
         return config

@@ -100,3 +100,74 @@ def nt_xent(z1, z2, temperature):
 def contrastive_accuracy(z1, z2, temperature=1.0):
     """Fraction of the 2N anchors whose other view is their most similar candidate."""
     return nt_xent_with_accuracy(z1, z2, temperature)[1]
+
+
+def check_hard_negative_arguments(beta, tau_plus):
+    """Raises ValueError unless beta >= 0 and 0 <= tau_plus < 1."""
+    if not 0.0 <= tau_plus < 1.0:
+        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus!r}.")
+    if beta < 0.0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}.")
+
+
+def hard_negative_nt_xent_with_accuracy(
+    z1, z2, temperature, beta=1.0, tau_plus=0.1, weights_receive_gradient=True
+):
+    """Hard-negative NT-Xent (HCL) and contrastive accuracy; see `hard_negative_nt_xent`."""
+    check_hard_negative_arguments(beta, tau_plus)
+    logits, positive_index = contrastive_logits(z1, z2, temperature)  # (2N, 2M)
+    num_candidates = tf.shape(logits)[1]
+    num_negatives = tf.cast(num_candidates - 2, tf.float32)  # M = 2(global batch) - 2
+    positive_mask = tf.one_hot(positive_index, num_candidates)
+    self_mask = tf.cast(logits < -_SELF_SIMILARITY_PENALTY / 2, tf.float32)
+    negative_mask = 1.0 - positive_mask - self_mask
+
+    # Everything is scaled by exp(-1/tau) (1/tau is the largest possible logit) so that exp never
+    # overflows; the scale cancels in pos / (pos + Ng), and the clamp is scaled alike.
+    inverse_temperature = 1.0 / temperature
+    shifted = logits - inverse_temperature
+    positive_logit = tf.reduce_sum(shifted * positive_mask, axis=1)  # (2N,)
+    positive = tf.exp(positive_logit)
+    negatives = tf.exp(shifted) * negative_mask  # (2N, 2M); zero at self and positive
+    # Importance weights neg^beta, shifted by each anchor's largest negative (cancels in R).
+    largest = tf.reduce_max(tf.where(negative_mask > 0, logits, -_SELF_SIMILARITY_PENALTY), axis=1, keepdims=True)
+    weights = tf.exp(beta * (logits - largest)) * negative_mask
+    if not weights_receive_gradient:
+        weights = tf.stop_gradient(weights)
+    reweighted = tf.reduce_sum(weights * negatives, axis=1) / (tf.reduce_sum(weights, axis=1) / num_negatives)
+    estimate = (reweighted - tau_plus * num_negatives * positive) / (1.0 - tau_plus)
+    estimate = tf.maximum(estimate, num_negatives * tf.exp(-2.0 * inverse_temperature))
+    per_anchor = tf.math.log(positive + estimate) - positive_logit
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), positive_index)
+    return tf.reduce_mean(per_anchor), tf.reduce_mean(tf.cast(correct, tf.float32))
+
+
+def hard_negative_nt_xent(z1, z2, temperature, beta=1.0, tau_plus=0.1, weights_receive_gradient=True):
+    """NT-Xent with hard-negative importance weights and the debiased negative estimate.
+
+    Robinson, Chuang, Sra, Jegelka, "Contrastive Learning with Hard Negative Samples", ICLR 2021
+    (arXiv:2010.04592), with the debiasing of Chuang et al., "Debiased Contrastive Learning",
+    NeurIPS 2020 (arXiv:2007.00224). For each of the 2N anchors, with pos = exp(s+ / tau), the
+    M = 2N - 2 negatives' neg_k = exp(s_k / tau):
+
+        w_k = neg_k ** beta                            importance weights: harder negatives count more
+        R   = sum_k w_k * neg_k / mean_k(w_k)          the reweighted negative mass
+        Ng  = max((R - tau_plus * M * pos) / (1 - tau_plus), M * exp(-1 / tau))
+        loss = -log(pos / (pos + Ng)), averaged over the anchors.
+
+    beta = 0 and tau_plus = 0 give exactly `nt_xent`; beta = 0 with tau_plus > 0 is the debiased
+    loss of Chuang et al. tau_plus is the assumed probability that a "negative" shares the anchor's
+    class. Negatives are gathered from every replica as in `nt_xent` (M = 2 * global batch - 2).
+
+    Args:
+      z1, z2: [N, D] projections of the two views (not normalised).
+      temperature: tau > 0.
+      beta: concentration on hard negatives, >= 0 (the paper's best STL-10 setting is 1.0).
+      tau_plus: class prior in [0, 1) (0.1 in the paper).
+      weights_receive_gradient: whether gradients flow through w_k. The reference implementation
+        lets them flow (True); False treats the weights as constants, as in importance sampling.
+
+    Returns:
+      Scalar float32 loss.
+    """
+    return hard_negative_nt_xent_with_accuracy(z1, z2, temperature, beta, tau_plus, weights_receive_gradient)[0]

@@ -24,18 +24,22 @@ def save_model_config(model, model_dir):
         json.dump(keras.saving.serialize_keras_object(model), file, indent=1)
 
 
-def make_checkpoint_manager(model, model_dir, max_to_keep=3):
+def make_checkpoint_manager(model, model_dir, save_dir=None, max_to_keep=3):
     """A tf.train.CheckpointManager over model and optimizer in MODEL_DIR/checkpoints.
 
-    Restores the latest checkpoint if there is one. Returns (manager, restored_step); restored_step
-    is 0 for a fresh run.
+    Restores the latest checkpoint of MODEL_DIR if there is one. `save_dir` (default
+    MODEL_DIR/checkpoints) is where new checkpoints go: a multi-worker worker other than the chief
+    must take part in every save, restores from the chief's MODEL_DIR, and saves into scratch space.
+    Returns (manager, restored_step); restored_step is 0 for a fresh run.
     """
     # Slot variables must exist before restoring, since Keras 3 optimizers create them in build().
     model.optimizer.build(model.trained_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, CHECKPOINTS), max_to_keep=max_to_keep)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
+    directory = save_dir or os.path.join(model_dir, CHECKPOINTS)
+    manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
     return manager, int(model.optimizer.iterations.numpy())
 
 

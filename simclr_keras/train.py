@@ -6,15 +6,21 @@
 
 Writes to --model_dir: checkpoints (re-running with the same model_dir resumes), flags.txt (the flags
 used, re-usable as a --flagfile), train_log.jsonl (one JSON object per step), TensorBoard logs in
-tensorboard/, and eval_results.json (the online linear probe on the evaluation split).
+tensorboard/, and eval_results.json (the online linear probe on the evaluation split). With --export_dir,
+the encoder is then exported as a TF Serving SavedModel (see simclr_keras.export).
 """
 
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import app, flags, logging
+
+from simclr_keras.cli import fail
+from simclr_keras.cli import reject_positional_arguments
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +38,9 @@ flags.DEFINE_float("width_multiplier", 1.0, "Channel width multiplier of the Res
 flags.DEFINE_integer("proj_layers", 2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2.")
 flags.DEFINE_integer("proj_dim", 128, "Output dimension of the projection head.")
 flags.DEFINE_float("temperature", 0.5, "NT-Xent temperature.")
+flags.DEFINE_enum("loss", "nt_xent", ["nt_xent", "hard_negative"], "nt_xent, or hard_negative (HCL; debiased with --hard_negative_beta=0).")
+flags.DEFINE_float("hard_negative_beta", 1.0, "HCL concentration beta on hard negatives (--loss=hard_negative).")
+flags.DEFINE_float("debias_tau_plus", 0.1, "Debiasing class prior tau_plus in [0, 1) (--loss=hard_negative).")
 flags.DEFINE_bool("freeze_encoder", False, "Train only the online probe on a frozen, randomly initialised encoder (baseline).")
 # Augmentation
 flags.DEFINE_float("color_jitter_strength", 0.5, "Colour distortion strength s (0.5 for CIFAR, 1.0 for ImageNet).")
@@ -47,18 +56,18 @@ flags.DEFINE_float("warmup_epochs", 10, "Linear warm-up length in epochs, then c
 flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (BatchNorm and bias variables excluded).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of LARS and SGD.")
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
+# Distribution
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy; multi_worker reads TF_CONFIG.")
+flags.DEFINE_string("tpu", None, "TPU address for --strategy=tpu (empty: the local TPU VM).")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the host CPU into N logical devices (N >= 2) for mirrored/multi_worker on CPU.")
+flags.DEFINE_bool("global_bn", None, "Synchronized BatchNorm across replicas; default: on when there is more than one replica.")
 # Outputs
 flags.DEFINE_string("model_dir", None, "Directory for checkpoints and logs; an existing run there is resumed.")
 flags.DEFINE_integer("checkpoint_every_n_steps", 500, "Checkpoint interval in steps (a checkpoint is also written at the end).")
 flags.DEFINE_integer("eval_batch_size", 500, "Batch size of the probe evaluation.")
+flags.DEFINE_string("export_dir", None, "If set, export the encoder for TF Serving to EXPORT_DIR/<next version> after training.")
 
 flags.mark_flag_as_required("model_dir")
-
-
-def _fail(message):
-    """Ends the command with a one-line message and no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def _write_flags(path):
@@ -69,32 +78,63 @@ def _write_flags(path):
 
 def _validate():
     if FLAGS.temperature <= 0:
-        _fail(f"--temperature must be > 0, got {FLAGS.temperature}.")
+        fail(f"--temperature must be > 0, got {FLAGS.temperature}.")
     if FLAGS.batch_size < 2:
-        _fail(f"--batch_size must be >= 2 (NT-Xent needs negatives), got {FLAGS.batch_size}.")
+        fail(f"--batch_size must be >= 2 (NT-Xent needs negatives), got {FLAGS.batch_size}.")
     if FLAGS.image_size < 8:
-        _fail(f"--image_size must be >= 8, got {FLAGS.image_size}.")
+        fail(f"--image_size must be >= 8, got {FLAGS.image_size}.")
     if FLAGS.width_multiplier <= 0:
-        _fail(f"--width_multiplier must be > 0, got {FLAGS.width_multiplier}.")
+        fail(f"--width_multiplier must be > 0, got {FLAGS.width_multiplier}.")
     if FLAGS.proj_layers < 1 or FLAGS.proj_dim < 1:
-        _fail(f"--proj_layers and --proj_dim must be >= 1, got {FLAGS.proj_layers} and {FLAGS.proj_dim}.")
+        fail(f"--proj_layers and --proj_dim must be >= 1, got {FLAGS.proj_layers} and {FLAGS.proj_dim}.")
     if FLAGS.train_steps <= 0 and FLAGS.train_epochs <= 0:
-        _fail("set --train_epochs or --train_steps to a positive number.")
+        fail("set --train_epochs or --train_steps to a positive number.")
+    if FLAGS.hard_negative_beta < 0:
+        fail(f"--hard_negative_beta must be >= 0, got {FLAGS.hard_negative_beta}.")
+    if not 0 <= FLAGS.debias_tau_plus < 1:
+        fail(f"--debias_tau_plus must be in [0, 1), got {FLAGS.debias_tau_plus}.")
+    if FLAGS.cpu_replicas < 0 or FLAGS.cpu_replicas == 1:
+        fail(f"--cpu_replicas must be 0 (off) or >= 2, got {FLAGS.cpu_replicas}.")
+    if FLAGS.cpu_replicas and FLAGS.strategy not in ("mirrored", "multi_worker"):
+        fail(f"--cpu_replicas={FLAGS.cpu_replicas} needs --strategy=mirrored or multi_worker, got --strategy={FLAGS.strategy}.")
+    if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+        fail("--strategy=multi_worker needs the TF_CONFIG environment variable (see README, Scaling out).")
 
 
 def run_training():
     # Heavy imports after flag parsing, so that --help and flag errors are instant.
     import keras
+    import numpy as np
+    import tensorflow as tf
 
-    from simclr_keras import callbacks, data, optimizers, runs
+    from simclr_keras import callbacks, data, distribute, export, optimizers, runs
     from simclr_keras.models.simclr import build_simclr
+
+    # First: splitting the CPU into logical devices must happen before TensorFlow uses a device.
+    try:
+        strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
+    except ValueError as error:
+        fail(str(error))
+    replicas = strategy.num_replicas_in_sync
+    if FLAGS.batch_size % replicas:
+        fail(f"--batch_size={FLAGS.batch_size} is not divisible by the {replicas} replicas.")
+    global_bn = replicas > 1 if FLAGS.global_bn is None else FLAGS.global_bn
+    chief = distribute.is_chief(strategy)
+    # Other multi-worker workers run the same steps but write their outputs to a scratch directory.
+    output_dir = FLAGS.model_dir if chief else tempfile.mkdtemp(prefix="simclr_worker_")
 
     keras.utils.set_random_seed(FLAGS.seed)
     keras.mixed_precision.set_dtype_policy(FLAGS.precision)
     try:
-        os.makedirs(FLAGS.model_dir, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
     except OSError as error:
-        _fail(f"--model_dir={FLAGS.model_dir} cannot be created ({error.strerror}); pass a writable directory.")
+        fail(f"--model_dir={FLAGS.model_dir} cannot be created ({error.strerror}); pass a writable directory.")
+    # Checked now rather than after a long training run.
+    if FLAGS.export_dir and chief:
+        try:
+            os.makedirs(FLAGS.export_dir, exist_ok=True)
+        except OSError as error:
+            fail(f"--export_dir={FLAGS.export_dir} cannot be created ({error.strerror}); pass a writable directory.")
 
     train_split = FLAGS.train_split or data.default_pretraining_split(FLAGS.dataset)
     try:
@@ -107,48 +147,58 @@ def run_training():
                 FLAGS.dataset, FLAGS.eval_split, FLAGS.image_size, FLAGS.data_dir
             )
     except data.DatasetNotFoundError as error:
-        _fail(str(error))
+        fail(str(error))
 
     steps_per_epoch = train_info.num_examples // FLAGS.batch_size
     if steps_per_epoch < 1:
-        _fail(f"--batch_size={FLAGS.batch_size} exceeds the {train_info.num_examples} training images.")
+        fail(f"--batch_size={FLAGS.batch_size} exceeds the {train_info.num_examples} training images.")
     total_steps = FLAGS.train_steps if FLAGS.train_steps > 0 else FLAGS.train_epochs * steps_per_epoch
+    # Scaling uses the global batch: all replicas together take one step on it.
     learning_rate = optimizers.scale_learning_rate(FLAGS.learning_rate, FLAGS.batch_size, FLAGS.lr_scaling)
     # A run shorter than its warm-up (a smoke test, --train_steps=3) warms up over the whole run.
     warmup_steps = min(int(round(FLAGS.warmup_epochs * steps_per_epoch)), total_steps)
     schedule = optimizers.WarmupCosineDecay(learning_rate, total_steps, warmup_steps)
 
-    model = build_simclr(
-        image_size=FLAGS.image_size,
-        backbone=FLAGS.backbone,
-        width_multiplier=FLAGS.width_multiplier,
-        proj_layers=FLAGS.proj_layers,
-        proj_dim=FLAGS.proj_dim,
-        temperature=FLAGS.temperature,
-        color_jitter_strength=FLAGS.color_jitter_strength,
-        use_blur=FLAGS.use_blur,
-        num_classes=train_info.num_classes or None,
-        freeze_encoder=FLAGS.freeze_encoder,
-        seed=FLAGS.seed,
-    )
-    model.compile(
-        optimizer=optimizers.build_optimizer(
-            FLAGS.optimizer,
-            schedule,
-            FLAGS.weight_decay,
-            FLAGS.momentum,
-            # As the official code treats its supervised head: the probe is plain momentum SGD.
-            exclude_layers=["linear_probe"],
+    with strategy.scope():
+        model = build_simclr(
+            image_size=FLAGS.image_size,
+            backbone=FLAGS.backbone,
+            width_multiplier=FLAGS.width_multiplier,
+            proj_layers=FLAGS.proj_layers,
+            proj_dim=FLAGS.proj_dim,
+            temperature=FLAGS.temperature,
+            color_jitter_strength=FLAGS.color_jitter_strength,
+            use_blur=FLAGS.use_blur,
+            num_classes=train_info.num_classes or None,
+            freeze_encoder=FLAGS.freeze_encoder,
+            synchronized_batch_norm=global_bn,
+            loss=FLAGS.loss,
+            hard_negative_beta=FLAGS.hard_negative_beta,
+            debias_tau_plus=FLAGS.debias_tau_plus,
+            seed=FLAGS.seed,
         )
-    )
-    manager, start_step = runs.make_checkpoint_manager(model, FLAGS.model_dir)
-    runs.save_model_config(model, FLAGS.model_dir)
-    _write_flags(os.path.join(FLAGS.model_dir, "flags.txt"))
-    print(
-        f"{train_info.num_examples} training images ({FLAGS.dataset}:{train_split}), {steps_per_epoch} steps per "
-        f"epoch, {total_steps} steps, learning rate {learning_rate:g}"
-        + (f", resuming at step {start_step}" if start_step else "")
-    )
+        model.compile(
+            optimizer=optimizers.build_optimizer(
+                FLAGS.optimizer,
+                schedule,
+                FLAGS.weight_decay,
+                FLAGS.momentum,
+                # As the official code treats its supervised head: the probe is plain momentum SGD.
+                exclude_layers=["linear_probe"],
+            )
+        )
+        manager, start_step = runs.make_checkpoint_manager(
+            model, FLAGS.model_dir, save_dir=None if chief else os.path.join(output_dir, runs.CHECKPOINTS)
+        )
+    if chief:
+        runs.save_model_config(model, output_dir)
+        _write_flags(os.path.join(output_dir, "flags.txt"))
+        print(
+            f"{train_info.num_examples} training images ({FLAGS.dataset}:{train_split}), {steps_per_epoch} steps "
+            f"per epoch, {total_steps} steps, learning rate {learning_rate:g}, {replicas} replica(s)"
+            + (", global BatchNorm" if global_bn else "")
+            + (f", resuming at step {start_step}" if start_step else "")
+        )
 
     if start_step < total_steps:
         batches = data.training_batches(
@@ -161,13 +211,13 @@ def run_training():
             steps_per_epoch=steps_per_epoch,
             callbacks=[
                 callbacks.StepLogger(
-                    os.path.join(FLAGS.model_dir, "train_log.jsonl"), os.path.join(FLAGS.model_dir, "tensorboard")
+                    os.path.join(output_dir, "train_log.jsonl"), os.path.join(output_dir, "tensorboard")
                 ),
                 callbacks.CheckpointEveryNSteps(manager, FLAGS.checkpoint_every_n_steps),
                 callbacks.StopAtStep(total_steps),
             ],
             shuffle=False,  # the stream is already shuffled; Keras would only warn
-            verbose="auto",
+            verbose="auto" if chief else 0,
         )
 
     if eval_images is not None:
@@ -180,20 +230,31 @@ def run_training():
             "split": FLAGS.eval_split,
             "num_examples": eval_info.num_examples,
             "step": int(model.optimizer.iterations.numpy()),
-            **{name: float(value) for name, value in results.items()},
+            **{name: float(np.mean(value)) for name, value in results.items()},
         }
-        with open(os.path.join(FLAGS.model_dir, "eval_results.json"), "w", encoding="utf-8") as file:
+        with open(os.path.join(output_dir, "eval_results.json"), "w", encoding="utf-8") as file:
             json.dump(results, file, indent=2)
-        print(
-            f"online linear probe on {FLAGS.dataset}:{FLAGS.eval_split} ({eval_info.num_examples} images): "
-            f"top-1 accuracy {results['probe_accuracy']:.4f}"
-        )
+        if chief:
+            print(
+                f"online linear probe on {FLAGS.dataset}:{FLAGS.eval_split} ({eval_info.num_examples} images): "
+                f"top-1 accuracy {results['probe_accuracy']:.4f}"
+            )
+    if FLAGS.export_dir:
+        # Every worker saves (saving may need collective ops); the others into their scratch space.
+        version_dir = export.export_encoder(model, FLAGS.export_dir if chief else os.path.join(output_dir, "export"))
+        if chief:
+            print(f"exported the encoder to {version_dir}")
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Synchronous training keeps every worker's weights identical; this line lets anyone check.
+        fingerprint = sum(float(np.sum(np.square(w))) for w in model.get_weights())
+        print(f"worker {strategy.cluster_resolver.task_id}: sum of squared weights {fingerprint:.10e}")
+    if not chief:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would bury the progress bar
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
+    reject_positional_arguments(argv)
     _validate()
     run_training()
 

@@ -4,6 +4,14 @@ import os
 import shutil
 
 import pytest
+import tensorflow as tf
+
+# Two logical CPU devices for the multi-replica tests (tests/test_distribute.py). This must happen
+# before TensorFlow initialises its devices, i.e. here, before any test module runs. Single-device
+# code keeps running on the first one.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10_DIR = os.environ.get(

@@ -187,3 +187,18 @@ def test_linear_probe_is_affine_in_h_at_inference_and_standardises_in_training()
     assert [w.name for w in probe.trainable_weights] == ["kernel", "bias"]
     with pytest.raises(ValueError, match="num_classes=1"):
         LinearProbe(1)
+
+
+def test_checkpoint_round_trip_restores_every_head_variable(tmp_path):
+    import tensorflow as tf
+
+    head = ProjectionHead(num_layers=3, output_dim=4)
+    head.build((None, 6))
+    for variable in head.weights:
+        variable.assign(np.random.default_rng(0).normal(size=variable.shape))
+    path = tf.train.Checkpoint(head=head).save(str(tmp_path / "ckpt"))
+    restored = ProjectionHead(num_layers=3, output_dim=4)
+    restored.build((None, 6))
+    tf.train.Checkpoint(head=restored).restore(path).assert_consumed()
+    for original, loaded in zip(head.weights, restored.weights):
+        np.testing.assert_array_equal(original.numpy(), loaded.numpy())

@@ -99,3 +99,63 @@ def test_is_symmetric_in_the_two_views_and_invariant_to_batch_order():
     base = float(losses.nt_xent(z1, z2, 0.2))
     assert float(losses.nt_xent(z2, z1, 0.2)) == pytest.approx(base, rel=1e-6)
     assert float(losses.nt_xent(z1[order], z2[order], 0.2)) == pytest.approx(base, rel=1e-6)
+
+
+def paper_hard_negative_loss(z1, z2, temperature, beta, tau_plus):
+    """The HCL objective of arXiv:2010.04592 (with Chuang et al.'s debiasing), one anchor at a time."""
+    n = len(z1)
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    m = 2 * n - 2
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        pos = math.exp(z[i] @ z[j] / temperature)
+        neg = np.array([math.exp(z[i] @ z[k] / temperature) for k in range(2 * n) if k not in (i, j)])
+        weights = neg**beta
+        reweighted = np.sum(weights * neg) / np.mean(weights)
+        estimate = max((-tau_plus * m * pos + reweighted) / (1 - tau_plus), m * math.exp(-1 / temperature))
+        total += -math.log(pos / (pos + estimate))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize(
+    "beta,tau_plus,temperature", [(1.0, 0.1, 0.5), (0.5, 0.0, 0.2), (0.0, 0.1, 0.5), (2.0, 0.3, 0.1)]
+)
+def test_hard_negative_loss_matches_a_per_anchor_loop(beta, tau_plus, temperature):
+    rng = np.random.default_rng(7)
+    z1 = rng.normal(size=(6, 5)).astype(np.float32)
+    z2 = (z1 + 0.5 * rng.normal(size=(6, 5))).astype(np.float32)
+    got = float(losses.hard_negative_nt_xent(z1, z2, temperature, beta=beta, tau_plus=tau_plus))
+    assert got == pytest.approx(paper_hard_negative_loss(z1, z2, temperature, beta, tau_plus), rel=1e-4)
+
+
+def test_hard_negative_loss_special_cases():
+    rng = np.random.default_rng(8)
+    z1, z2 = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    # beta = 0, tau_plus = 0: plain NT-Xent.
+    plain = float(losses.nt_xent(z1, z2, 0.5))
+    assert float(losses.hard_negative_nt_xent(z1, z2, 0.5, beta=0.0, tau_plus=0.0)) == pytest.approx(plain, rel=1e-5)
+    # Identical embeddings: every similarity is 1, so Ng = (M e^{1/t} - tau M e^{1/t}) / (1 - tau)
+    # = M e^{1/t} and the loss is ln(1 + M) = ln(2N - 1).
+    same = np.ones((5, 4), np.float32)
+    assert float(losses.hard_negative_nt_xent(same, same, 0.5, beta=1.0, tau_plus=0.1)) == pytest.approx(
+        math.log(9), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="tau_plus"):
+        losses.hard_negative_nt_xent(z1, z2, 0.5, tau_plus=1.0)
+
+
+def test_hard_negative_weights_gradient_option_changes_only_the_gradient():
+    rng = np.random.default_rng(9)
+    z1 = tf.constant(rng.normal(size=(4, 3)), tf.float32)
+    z2 = tf.constant(rng.normal(size=(4, 3)), tf.float32)
+    values, gradients = [], []
+    for flows in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(z1)
+            loss = losses.hard_negative_nt_xent(z1, z2, 0.5, beta=1.0, tau_plus=0.1, weights_receive_gradient=flows)
+        values.append(float(loss))
+        gradients.append(tape.gradient(loss, z1).numpy())
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    assert not np.allclose(gradients[0], gradients[1])

@@ -9,6 +9,9 @@ from simclr_keras.backbones import resnet
 from simclr_keras.heads import LinearProbe, ProjectionHead
 
 
+CONTRASTIVE_LOSSES = ("nt_xent", "hard_negative")
+
+
 @keras.saving.register_keras_serializable(package="simclr_keras")
 class SimCLR(keras.Model):
     """SimCLR pretraining (Chen et al., ICML 2020, arXiv:2002.05709).
@@ -37,6 +40,11 @@ class SimCLR(keras.Model):
       num_classes: classes of the online linear probe; None for no probe.
       freeze_encoder: train only the probe, leaving encoder and head at their initial weights (their
         BatchNorm statistics still adapt): the randomly-initialised-encoder baseline.
+      loss: "nt_xent" (the paper's loss) or "hard_negative" (`losses.hard_negative_nt_xent`: HCL,
+        Robinson et al. 2021; with hard_negative_beta=0 the debiased loss of Chuang et al. 2020).
+      hard_negative_beta, debias_tau_plus: beta and tau_plus of the "hard_negative" loss.
+      synchronized_batch_norm: the probe standardises features with global-batch statistics (give
+        the encoder and head synchronized BatchNorm too: `build_simclr` does).
     """
 
     def __init__(
@@ -47,9 +55,15 @@ class SimCLR(keras.Model):
         temperature=0.1,
         num_classes=None,
         freeze_encoder=False,
+        synchronized_batch_norm=False,
+        loss="nt_xent",
+        hard_negative_beta=1.0,
+        debias_tau_plus=0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"loss must be one of {list(CONTRASTIVE_LOSSES)}, got {loss!r}.")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}.")
         if num_classes is not None and num_classes < 2:
@@ -62,7 +76,16 @@ class SimCLR(keras.Model):
         self.temperature = float(temperature)
         self.num_classes = num_classes
         self.freeze_encoder = bool(freeze_encoder)
-        self.probe = LinearProbe(num_classes, name="linear_probe") if num_classes else None
+        self.synchronized_batch_norm = bool(synchronized_batch_norm)
+        self.loss_name = loss
+        self.hard_negative_beta = float(hard_negative_beta)
+        self.debias_tau_plus = float(debias_tau_plus)
+        losses.check_hard_negative_arguments(self.hard_negative_beta, self.debias_tau_plus)
+        self.probe = (
+            LinearProbe(num_classes, synchronized_batch_norm=synchronized_batch_norm, name="linear_probe")
+            if num_classes
+            else None
+        )
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.contrastive_accuracy_tracker = keras.metrics.Mean(name="contrastive_accuracy")
@@ -75,6 +98,15 @@ class SimCLR(keras.Model):
         for layer in (self.projection_head, self.probe):
             if layer is not None and not layer.built:  # deserialised layers arrive built
                 layer.build(representation_shape)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' version (under a strategy scope) pulls one batch from the training iterator to build
+        # the model symbolically: that batch is then never trained on, which shifts the data order
+        # (and breaks exact resumption), and under MultiWorkerMirroredStrategy it fails on tuple
+        # batches. Every layer here is built in __init__, so only the optimizer may need building.
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trained_variables)
 
     @property
     def metrics(self):
@@ -107,7 +139,7 @@ class SimCLR(keras.Model):
             representation = self.encoder(views, training=True)  # (2N, D)
             projection = self.projection_head(representation, training=True)  # (2N, proj_dim)
             z1, z2 = projection[:batch_size], projection[batch_size:]
-            contrastive_loss, contrastive_accuracy = losses.nt_xent_with_accuracy(z1, z2, self.temperature)
+            contrastive_loss, contrastive_accuracy = self._contrastive_loss(z1, z2)
             total_loss = contrastive_loss
             if self.probe is not None and labels is not None:
                 probe_logits = self.probe(tf.stop_gradient(representation[:batch_size]), training=True)
@@ -129,7 +161,24 @@ class SimCLR(keras.Model):
             tracker.update_state(value)
         logs = {tracker.name: tracker.result() for tracker in self.metrics}
         logs["learning_rate"] = tf.cast(learning_rate, tf.float32)
+        return self._reducible(logs)
+
+    def _reducible(self, logs):
+        """Makes logs reducible by Keras under MultiWorkerMirroredStrategy.
+
+        Keras reduces multi-worker logs with `strategy.reduce("MEAN", value, axis=0)`, which fails on
+        scalars (tensorflow issue 72388), so there they become shape [1]. Elsewhere they stay scalars.
+        """
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
+
+    def _contrastive_loss(self, z1, z2):
+        if self.loss_name == "hard_negative":
+            return losses.hard_negative_nt_xent_with_accuracy(
+                z1, z2, self.temperature, self.hard_negative_beta, self.debias_tau_plus
+            )
+        return losses.nt_xent_with_accuracy(z1, z2, self.temperature)
 
     def _update_probe_metrics(self, labels, probe_logits, reset):
         """Updates the probe trackers from [N] labels and [N, C] logits; returns the mean loss."""
@@ -153,7 +202,9 @@ class SimCLR(keras.Model):
             )
         representation = self.encoder(self.augmenter(images, training=False), training=False)
         self._update_probe_metrics(labels, self.probe(representation, training=False), reset=False)
-        return {tracker.name: tracker.result() for tracker in (self.probe_loss_tracker, self.probe_accuracy_tracker)}
+        return self._reducible(
+            {tracker.name: tracker.result() for tracker in (self.probe_loss_tracker, self.probe_accuracy_tracker)}
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -165,6 +216,10 @@ class SimCLR(keras.Model):
                 "temperature": self.temperature,
                 "num_classes": self.num_classes,
                 "freeze_encoder": self.freeze_encoder,
+                "synchronized_batch_norm": self.synchronized_batch_norm,
+                "loss": self.loss_name,
+                "hard_negative_beta": self.hard_negative_beta,
+                "debias_tau_plus": self.debias_tau_plus,
             }
         )
         return config
@@ -189,6 +244,9 @@ def build_simclr(
     num_classes=None,
     freeze_encoder=False,
     synchronized_batch_norm=False,
+    loss="nt_xent",
+    hard_negative_beta=1.0,
+    debias_tau_plus=0.1,
     seed=None,
 ):
     """A SimCLR model from the settings of the command line (and of the configs/ recipes).
@@ -220,5 +278,9 @@ def build_simclr(
         temperature=temperature,
         num_classes=num_classes,
         freeze_encoder=freeze_encoder,
+        synchronized_batch_norm=synchronized_batch_norm,
+        loss=loss,
+        hard_negative_beta=hard_negative_beta,
+        debias_tau_plus=debias_tau_plus,
         name="simclr",
     )

@@ -1,0 +1,586 @@
+"""Evaluation protocols of a pretrained encoder: kNN, linear evaluation and semi-supervised fine-tuning.
+
+The three protocols of the SimCLR paper (Chen et al., ICML 2020, arXiv:2002.05709) and its usual
+companion:
+
+- `knn_classify`: weighted cosine k-nearest-neighbour vote on frozen features (Wu et al., "Unsupervised
+  Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018): the k most
+  similar training features vote for their class with weight exp(similarity / temperature).
+- `linear_evaluation`: a linear classifier trained on frozen features (the paper's main protocol;
+  the official google-research/simclr CIFAR-10 recipe: Nesterov momentum SGD, base rate 0.1 x B/256 at
+  B = 512, cosine decay without warm-up, 100 epochs, no weight decay, zero-initialised classifier).
+- `finetune`: the whole encoder plus a linear head trained on a class-balanced fraction of the labels
+  (`label_fraction_subset`), as in the paper's semi-supervised results (Appendix B.5: Nesterov momentum SGD,
+  learning rate 0.05 x B/256, no warm-up, no regularisation, random crop and flip only).
+
+Encoders enter as *feature functions*: callables mapping a batch of uint8 images [B, S, S, 3] to
+features [B, D]. `feature_function_from_model` makes one from a SimCLR model (its evaluation
+preprocessing, then its encoder in inference mode), `feature_function_from_saved_model` from an
+exported encoder's `serving_default` signature. Data enter as `tf.data` datasets of (uint8 image,
+int64 label), the format of `simclr_keras.data.load_images`.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from simclr_keras import augment, optimizers
+
+# Bounded memory for kNN: a block of similarities is at most this many test rows by train columns
+# (1024 x 16384 float32 = 64 MiB), whatever the sizes of the two sets.
+DEFAULT_TEST_CHUNK_SIZE = 1024
+DEFAULT_TRAIN_CHUNK_SIZE = 16384
+# Keep images in memory (tf.data cache) for multi-epoch protocols when they take less than this.
+DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
+
+
+@dataclasses.dataclass
+class ClassificationResult:
+    """What a protocol measured on the test set.
+
+    top1, top5: accuracies in [0, 1] (top5 is top-min(5, C)).
+    scores: float32 [N_test, C] class scores (kNN: vote shares; linear and fine-tuning: logits).
+    train_loss, train_top1: the last training epoch's mean cross-entropy and accuracy (None for kNN).
+    """
+
+    top1: float
+    top5: float
+    scores: np.ndarray
+    train_loss: float | None = None
+    train_top1: float | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Accuracy and label subsets
+# --------------------------------------------------------------------------------------
+
+
+def top_k_accuracy(scores, labels, k):
+    """Fraction of rows whose true label is among the k highest scores.
+
+    Ties between scores are broken towards the lower class index, as `np.argmax` does, so that
+    top-1 accuracy equals the accuracy of `argmax(scores)`. k larger than the number of classes
+    counts every row as correct.
+
+    Args:
+      scores: [N, C] class scores (logits, probabilities or votes).
+      labels: [N] integer labels in [0, C).
+      k: positive integer.
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels).reshape(-1)
+    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(f"scores must be [N, C] with N = len(labels) = {labels.shape[0]}, got {scores.shape}.")
+    if scores.shape[0] == 0:
+        raise ValueError("top_k_accuracy needs at least one example.")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    # A stable sort of -scores keeps equal scores in class order.
+    top_classes = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [N, min(k, C)]
+    return float(np.mean(np.any(top_classes == labels[:, None], axis=1)))
+
+
+def label_fraction_subset(labels, fraction, seed=0):
+    """Indices of a class-balanced random subset holding `fraction` of each class's examples.
+
+    Each class c with n_c examples keeps max(1, round(fraction * n_c)) of them (halves rounded up),
+    drawn without replacement by a generator seeded with (seed, c): the same seed gives the same
+    subset, and each class's draw does not depend on the other classes. Negative labels
+    (unlabelled examples) are never selected.
+
+    Args:
+      labels: [N] integer labels.
+      fraction: in (0, 1]; 1 keeps every labelled example.
+      seed: non-negative integer.
+
+    Returns:
+      int64 [M] indices into `labels`, sorted ascending.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    labels = np.asarray(labels).reshape(-1)
+    selected = []
+    for class_index in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == class_index)
+        count = max(1, int(math.floor(fraction * len(members) + 0.5)))
+        generator = np.random.default_rng([int(seed), int(class_index)])
+        selected.append(generator.choice(members, size=count, replace=False))
+    if not selected:
+        return np.zeros([0], np.int64)
+    return np.sort(np.concatenate(selected)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# kNN
+# --------------------------------------------------------------------------------------
+
+
+def _nearest_neighbours(test_block, train_features, k, train_chunk_size):
+    """The k largest cosine similarities of each row of `test_block` to the (normalised) train set.
+
+    Walks the train set in chunks and keeps a running top-k, so memory is [rows, k + chunk].
+    Returns (similarities [rows, k] descending, train indices [rows, k]). Equal similarities keep the
+    lower train index first, as one `tf.math.top_k` over the whole row would.
+    """
+    rows = tf.shape(test_block)[0]
+    best_similarities = tf.zeros([rows, 0], tf.float32)
+    best_indices = tf.zeros([rows, 0], tf.int64)
+    num_train = int(train_features.shape[0])
+    for start in range(0, num_train, train_chunk_size):
+        chunk = train_features[start:start + train_chunk_size]
+        similarities = tf.matmul(test_block, chunk, transpose_b=True)  # [rows, chunk]
+        chunk_indices = tf.range(start, start + int(chunk.shape[0]), dtype=tf.int64)
+        # The running best come first: they hold lower train indices, so top_k's tie rule (lower
+        # position first) keeps ties in train-index order across chunks.
+        candidates = tf.concat([best_similarities, similarities], axis=1)
+        candidate_indices = tf.concat(
+            [best_indices, tf.broadcast_to(chunk_indices[None], tf.shape(similarities, out_type=tf.int32))], axis=1
+        )
+        best_similarities, positions = tf.math.top_k(candidates, k=min(k, int(candidates.shape[1])))
+        best_indices = tf.gather(candidate_indices, positions, batch_dims=1)
+    return best_similarities, best_indices
+
+
+def knn_classify(
+    train_features,
+    train_labels,
+    test_features,
+    k=200,
+    temperature=0.1,
+    num_classes=None,
+    test_chunk_size=DEFAULT_TEST_CHUNK_SIZE,
+    train_chunk_size=DEFAULT_TRAIN_CHUNK_SIZE,
+):
+    """Weighted cosine kNN classification (Wu et al. 2018, InstDisc; the protocol lightly also uses).
+
+    Features are L2-normalised; each test feature takes its k most similar training features, with
+    cosine similarities s_i, and gives class c the score sum over neighbours of class c of
+    exp(s_i / temperature). Similarities are computed in [test_chunk_size, train_chunk_size] blocks,
+    so memory stays bounded for any set sizes; the result does not depend on the chunk sizes.
+
+    The returned scores are each row's votes divided by their sum (vote shares): the same ranking as
+    the raw sums, without their overflow at small temperatures (exp(1 / 0.01) overflows float32).
+
+    Args:
+      train_features: [N_train, D] float features.
+      train_labels: [N_train] integer labels in [0, num_classes).
+      test_features: [N_test, D] float features.
+      k: number of neighbours; more than N_train uses all of them.
+      temperature: > 0.
+      num_classes: number of classes C; None: max(train_labels) + 1.
+
+    Returns:
+      (predictions int64 [N_test], scores float32 [N_test, C]).
+    """
+    train_labels = np.asarray(train_labels, np.int64).reshape(-1)
+    train_features = np.asarray(train_features, np.float32)
+    test_features = np.asarray(test_features, np.float32)
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"features must be [N, D] with the same D, got {train_features.shape} and {test_features.shape}."
+        )
+    if train_features.shape[0] != train_labels.shape[0] or train_labels.shape[0] == 0:
+        raise ValueError(
+            f"need one label per training feature and at least one, got {train_labels.shape[0]} labels for "
+            f"{train_features.shape[0]} features."
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if train_labels.min() < 0:
+        raise ValueError("train_labels must be >= 0; leave unlabelled examples out.")
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    if train_labels.max() >= num_classes:
+        raise ValueError(f"train_labels must be < num_classes={num_classes}, found {train_labels.max()}.")
+    k = min(int(k), train_features.shape[0])
+
+    normalised_train = tf.math.l2_normalize(tf.constant(train_features), axis=1)  # [N_train, D]
+    labels = tf.constant(train_labels)
+    score_blocks = []
+    for start in range(0, test_features.shape[0], test_chunk_size):
+        block = tf.math.l2_normalize(tf.constant(test_features[start:start + test_chunk_size]), axis=1)
+        similarities, indices = _nearest_neighbours(block, normalised_train, k, train_chunk_size)  # [rows, k]
+        # Shifting by the row's largest similarity scales the row's votes by one constant.
+        weights = tf.exp((similarities - similarities[:, :1]) / temperature)  # [rows, k]
+        neighbour_labels = tf.gather(labels, indices)  # [rows, k]
+        rows = tf.shape(block, out_type=tf.int64)[0]
+        # Sum the weights per (row, class) without a [rows, k, C] one-hot.
+        segment = tf.range(rows)[:, None] * num_classes + neighbour_labels
+        votes = tf.math.unsorted_segment_sum(
+            tf.reshape(weights, [-1]), tf.reshape(segment, [-1]), rows * num_classes
+        )
+        votes = tf.reshape(votes, [-1, num_classes])  # [rows, C]
+        score_blocks.append((votes / tf.reduce_sum(votes, axis=1, keepdims=True)).numpy())
+    if score_blocks:
+        scores = np.concatenate(score_blocks)
+    else:
+        scores = np.zeros([0, num_classes], np.float32)
+    return np.argmax(scores, axis=1).astype(np.int64), scores
+
+
+# --------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------
+
+
+def feature_function_from_model(model):
+    """Feature function of a SimCLR model: uint8 images [B, S, S, 3] -> h [B, D].
+
+    Applies the model's evaluation preprocessing (`augmenter(images, training=False)`: centre crop,
+    resize to the training size, scale to [0, 1]) and its encoder in inference mode (BatchNorm
+    moving statistics).
+    """
+
+    @tf.function(reduce_retracing=True)
+    def features(images):
+        return model.encoder(model.augmenter(images, training=False), training=False)
+
+    return features
+
+
+def feature_function_from_saved_model(path):
+    """Feature function of an exported encoder: its `serving_default` signature, uint8 `images` in,
+    `embeddings` (h) out.
+
+    Returns (feature function, image size or None): the size is the side the signature fixes, None
+    when it accepts any size. Raises ValueError naming what is missing when `path` holds a SavedModel
+    without such a signature; tf.saved_model.load's own errors when it holds none.
+    """
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get("serving_default") if hasattr(loaded, "signatures") else None
+    if signature is None:
+        raise ValueError(f"{path} has no serving_default signature.")
+    _, input_specs = signature.structured_input_signature
+    if "images" not in input_specs:
+        raise ValueError(f"{path}: serving_default takes {sorted(input_specs)}, not `images`.")
+    if "embeddings" not in signature.structured_outputs:
+        raise ValueError(f"{path}: serving_default returns {sorted(signature.structured_outputs)}, not `embeddings`.")
+    input_spec = input_specs["images"]
+    height, width = (input_spec.shape.as_list() + [None] * 4)[1:3]
+    image_size = height if height is not None and height == width else None
+
+    def features(images):
+        # `loaded` is kept alive by this closure: the signature alone holds only weak references.
+        return loaded.signatures["serving_default"](images=tf.cast(images, input_spec.dtype))["embeddings"]
+
+    return features, image_size
+
+
+def extract_features(feature_function, batches):
+    """Runs `feature_function` over a dataset of (uint8 images, labels) batches.
+
+    Returns (features float32 [N, D], labels int64 [N]) in dataset order.
+    """
+    feature_blocks, label_blocks = [], []
+    for images, labels in batches:
+        feature_blocks.append(np.asarray(feature_function(images), np.float32))
+        label_blocks.append(np.asarray(labels, np.int64).reshape(-1))
+    if not feature_blocks:
+        raise ValueError("the dataset holds no images.")
+    return np.concatenate(feature_blocks), np.concatenate(label_blocks)
+
+
+def example_labels(examples):
+    """The labels of an unbatched dataset of (image, label), int64 [N], in order (one pass)."""
+    batches = examples.map(lambda image, label: label).batch(4096).prefetch(2)
+    blocks = [np.asarray(block, np.int64) for block in batches.as_numpy_iterator()]
+    return np.concatenate(blocks) if blocks else np.zeros([0], np.int64)
+
+
+def select_examples(examples, indices, num_examples):
+    """The elements of an unbatched dataset at positions `indices` (sorted), in dataset order."""
+    keep = np.zeros([num_examples], bool)
+    keep[np.asarray(indices, np.int64)] = True
+    keep = tf.constant(keep)
+    return examples.enumerate().filter(lambda position, example: keep[position]).map(
+        lambda position, example: example
+    )
+
+
+def random_crop_and_flip(images, image_size, seed):
+    """Random resized crop (area 8-100%, aspect ratio 3/4-4/3, bicubic) and horizontal flip.
+
+    The only augmentation of the official linear evaluation and fine-tuning (no colour distortion),
+    drawn per image from `seed` (int [2]) with the same crop sampler as pretraining.
+
+    Args:
+      images: uint8 [B, H, W, 3] in [0, 255] or float in [0, 1].
+      image_size: output side S.
+
+    Returns float32 [B, S, S, 3] in [0, 1].
+    """
+    if images.dtype.is_integer:
+        images = tf.cast(images, tf.float32) / 255.0
+    shape = tf.shape(images)
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2))
+    tops, lefts, heights, widths = augment.sample_crop_boxes(crop_seed, shape[0], shape[1], shape[2])
+    views = augment.crop_and_resize(images, tops, lefts, heights, widths, image_size)
+    flips = augment.stateless_uniform(flip_seed, [shape[0]]) < 0.5
+    views = tf.where(flips[:, None, None, None], tf.reverse(views, axis=[2]), views)
+    return tf.clip_by_value(views, 0.0, 1.0)
+
+
+def _batch_seed(seed, epoch, batch_index):
+    """A stateless seed [2] for one batch of one epoch."""
+    base = tf.constant([int(seed), 0], tf.int64)
+    return tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64)), tf.cast(batch_index, tf.int64)
+    )
+
+
+def _maybe_cache(examples, num_examples, image_size, cache_limit_bytes):
+    if num_examples * image_size * image_size * 3 <= cache_limit_bytes:
+        return examples.cache()
+    return examples
+
+
+def augmented_feature_epochs(
+    feature_function,
+    examples,
+    num_examples,
+    image_size,
+    batch_size=500,
+    seed=0,
+    cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES,
+):
+    """Features of freshly augmented training images, one call per epoch.
+
+    Returns a function epoch -> features float32 [N, D]: every image of `examples` (unbatched uint8
+    image, label), in dataset order, through `random_crop_and_flip` with seeds drawn from
+    (seed, epoch, batch), then through `feature_function`. For `linear_evaluation(train_features=...)`.
+    """
+    examples = _maybe_cache(examples, num_examples, image_size, cache_limit_bytes)
+
+    def features_of_epoch(epoch):
+        def augment_batch(batch_index, batch):
+            images, labels = batch
+            views = random_crop_and_flip(images, image_size, _batch_seed(seed, epoch, batch_index))
+            # Feature functions take uint8, as an exported signature does; the rounding is < 0.5 / 255.
+            return tf.cast(tf.round(views * 255.0), tf.uint8), labels
+
+        batches = examples.batch(batch_size).enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        features, _ = extract_features(feature_function, batches.prefetch(tf.data.AUTOTUNE))
+        return features
+
+    return features_of_epoch
+
+
+# --------------------------------------------------------------------------------------
+# Linear evaluation
+# --------------------------------------------------------------------------------------
+
+
+def _momentum_optimizer(learning_rate, total_steps, momentum, weight_decay):
+    """Nesterov momentum SGD with coupled L2 (BatchNorm and biases excluded), cosine decay, no warm-up."""
+    schedule = optimizers.WarmupCosineDecay(learning_rate, total_steps, warmup_steps=0)
+    return optimizers.build_optimizer("sgd", schedule, weight_decay=weight_decay, momentum=momentum)
+
+
+def linear_evaluation(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    num_classes,
+    epochs=100,
+    batch_size=512,
+    learning_rate=0.2,
+    momentum=0.9,
+    weight_decay=0.0,
+    standardize=True,
+    seed=0,
+    verbose=0,
+):
+    """Trains a linear classifier on frozen features and measures it on the test features.
+
+    The official recipe: a zero-initialised Dense layer (logits = W h + b) trained with Nesterov
+    momentum SGD and cross-entropy, learning rate decayed to 0 by a cosine over all steps without
+    warm-up; the defaults are the official CIFAR-10 ones (batch 512, base rate 0.1 x 512/256 = 0.2,
+    100 epochs, no weight decay).
+
+    With `standardize`, each feature dimension is shifted and scaled by the training features'
+    mean and standard deviation before the classifier (the test features with the same numbers).
+    This is an affine map, so the classifier is still linear in h; it makes one learning rate work
+    for encoders whose features differ in scale by orders of magnitude (a random encoder against a
+    trained one), as the parameter-free BatchNorm of the online probe does (MAE, He et al. 2022).
+
+    Args:
+      train_features: float [N, D], or a function epoch -> [N, D] giving new features each epoch
+        in the order of `train_labels` (augmented views, see `augmented_feature_epochs`); the
+        standardisation then uses epoch 0's features.
+      train_labels: int [N] in [0, num_classes).
+      test_features: float [M, D]; test_labels: int [M].
+      num_classes: number of classes C >= 2.
+      learning_rate: peak learning rate (already batch-scaled).
+      seed: seed of the shuffling of each epoch.
+
+    Returns:
+      ClassificationResult with logits as scores.
+    """
+    train_labels = np.asarray(train_labels, np.int64).reshape(-1)
+    test_labels = np.asarray(test_labels, np.int64).reshape(-1)
+    features_of_epoch = train_features if callable(train_features) else None
+    first_features = np.asarray(features_of_epoch(0) if features_of_epoch else train_features, np.float32)
+    if first_features.shape[0] != train_labels.shape[0]:
+        raise ValueError(f"{first_features.shape[0]} training features for {train_labels.shape[0]} labels.")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
+    num_train, dimension = first_features.shape
+    if standardize:
+        mean = first_features.mean(axis=0)
+        # Constant dimensions (dead ReLUs) stay at 0 instead of dividing by 0.
+        scale = 1.0 / np.maximum(first_features.std(axis=0), 1e-6)
+    else:
+        mean, scale = np.zeros([dimension], np.float32), np.ones([dimension], np.float32)
+
+    def normalise(features):
+        return ((np.asarray(features, np.float32) - mean) * scale).astype(np.float32)
+
+    classifier = keras.Sequential(
+        [
+            keras.Input(shape=(dimension,), dtype="float32"),
+            keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32", name="linear_classifier"),
+        ],
+        name="linear_evaluation",
+    )
+    steps_per_epoch = math.ceil(num_train / batch_size)  # the last batch of an epoch may be smaller
+    classifier.compile(
+        optimizer=_momentum_optimizer(learning_rate, epochs * steps_per_epoch, momentum, weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+    def batches(features):
+        dataset = tf.data.Dataset.from_tensor_slices((normalise(features), train_labels))
+        return dataset.shuffle(num_train, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+
+    if features_of_epoch is None:
+        history = classifier.fit(batches(first_features), epochs=epochs, shuffle=False, verbose=verbose)
+    else:
+        for epoch in range(epochs):
+            features = first_features if epoch == 0 else features_of_epoch(epoch)
+            # A different shuffle each epoch: the dataset is rebuilt, so fold the epoch into its seed.
+            dataset = tf.data.Dataset.from_tensor_slices((normalise(features), train_labels))
+            dataset = dataset.shuffle(num_train, seed=seed * 100_003 + epoch).batch(batch_size)
+            # Keras would print "Epoch 1/1" every time; one line per epoch is printed here instead.
+            history = classifier.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
+            if verbose:
+                print(
+                    f"Epoch {epoch + 1}/{epochs}: loss {history.history['loss'][-1]:.4f}, "
+                    f"accuracy {history.history['accuracy'][-1]:.4f}",
+                    flush=True,
+                )
+
+    test_logits = classifier.predict(normalise(test_features), batch_size=max(batch_size, 1024), verbose=0)
+    return ClassificationResult(
+        top1=top_k_accuracy(test_logits, test_labels, 1),
+        top5=top_k_accuracy(test_logits, test_labels, 5),
+        scores=test_logits,
+        train_loss=float(history.history["loss"][-1]),
+        train_top1=float(history.history["accuracy"][-1]),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------
+
+
+def finetune(
+    encoder,
+    train_examples,
+    num_train,
+    test_batches,
+    num_classes,
+    image_size,
+    epochs=30,
+    batch_size=256,
+    learning_rate=0.05,
+    momentum=0.9,
+    weight_decay=0.0,
+    seed=0,
+    preprocess=None,
+    cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES,
+    verbose=0,
+):
+    """Fine-tunes a copy of the encoder plus a linear head on labelled images; tests it.
+
+    SimCLR Appendix B.5: every weight is trained (BatchNorm in training mode, batch statistics) with
+    Nesterov momentum SGD and cross-entropy, no warm-up then cosine decay, no weight decay, on random
+    crops and flips only (`random_crop_and_flip`). The head is zero-initialised, as the official
+    code's `zero_init_logits_layer`. Every batch is full (BatchNorm statistics of a last batch of a
+    few images would be degenerate): the examples are an endless stream, reshuffled every pass, and
+    an epoch is ceil(num_train / batch_size) batches of it.
+
+    Args:
+      encoder: keras.Model, float images in [0, 1] -> h [B, D]. It is cloned; the original keeps
+        its weights.
+      train_examples: unbatched dataset of (uint8 image [S, S, 3], label), labelled only.
+      num_train: number of elements of `train_examples`.
+      test_batches: dataset of (uint8 images, labels) batches.
+      num_classes: number of classes C.
+      image_size: side S of the training views.
+      batch_size: capped at `num_train`.
+      learning_rate: peak learning rate (already batch-scaled).
+      seed: seed of the order of the examples and of the crops and flips.
+      preprocess: evaluation preprocessing, uint8 images -> float [0, 1] at the encoder's size
+        (a SimCLR model's `augmenter(images, training=False)`); default: divide by 255.
+
+    Returns:
+      (ClassificationResult with logits as scores, the fine-tuned classifier: a keras.Model from
+      float images in [0, 1] to logits [B, C]).
+    """
+    if num_train < 1 or epochs < 1 or batch_size < 1:
+        raise ValueError(f"num_train, epochs and batch_size must be >= 1, got {num_train}, {epochs}, {batch_size}.")
+    batch_size = min(batch_size, num_train)
+    # Batches come from an endless reshuffled stream and may straddle epochs, so an epoch is the
+    # number of full batches that covers the set once (500 images at B = 256: 2 steps, not 1).
+    steps_per_epoch = math.ceil(num_train / batch_size)
+
+    trainable_encoder = keras.models.clone_model(encoder)
+    trainable_encoder.set_weights(encoder.get_weights())
+    images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
+    logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32", name="classifier")(
+        trainable_encoder(images)
+    )
+    classifier = keras.Model(images, logits, name="finetuned_classifier")
+    classifier.compile(
+        optimizer=_momentum_optimizer(learning_rate, epochs * steps_per_epoch, momentum, weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+    def augment_batch(step, batch):
+        batch_images, labels = batch
+        epoch, batch_index = step // steps_per_epoch, step % steps_per_epoch
+        return random_crop_and_flip(batch_images, image_size, _batch_seed(seed, epoch, batch_index)), labels
+
+    examples = _maybe_cache(train_examples, num_train, image_size, cache_limit_bytes)
+    # An endless stream, so that every step (not every epoch) draws new crops.
+    stream = examples.shuffle(num_train, seed=seed, reshuffle_each_iteration=True).repeat()
+    stream = stream.batch(batch_size, drop_remainder=True).enumerate()
+    stream = stream.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    history = classifier.fit(stream, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=verbose)
+
+    if preprocess is None:
+        def preprocess(batch_images):
+            return tf.cast(batch_images, tf.float32) / 255.0
+
+    @tf.function(reduce_retracing=True)
+    def test_logits(batch_images):
+        return classifier(preprocess(batch_images), training=False)
+
+    scores, test_labels = extract_features(test_logits, test_batches)
+    result = ClassificationResult(
+        top1=top_k_accuracy(scores, test_labels, 1),
+        top5=top_k_accuracy(scores, test_labels, 5),
+        scores=scores,
+        train_loss=float(history.history["loss"][-1]),
+        train_top1=float(history.history["accuracy"][-1]),
+    )
+    return result, classifier

@@ -1,0 +1,221 @@
+"""The encoder as a TensorFlow Serving SavedModel, and back as a trainable Keras model.
+
+    EXPORT_DIR/               TF Serving's model base path; it serves the highest version
+      1/
+        saved_model.pb        signature "serving_default": uint8 images -> embeddings, projections
+        variables/            encoder and projection head weights, stored once
+        assets.extra/simclr_keras.json   Keras configs of encoder and preprocessing (for load_encoder)
+      2/ ...
+
+`export_encoder` writes the next version; an existing version is never written to. The signature
+takes `images`, uint8 [batch, height, width, 3] of any height and width, and applies the
+evaluation preprocessing inside the graph (`SimCLRAugmentation(training=False)`: centre crop,
+bicubic resize to the training size, scale to [0, 1]), so clients send raw pixels. It returns
+`embeddings`, the representation h (float32 [batch, D]), and `projections`, g(h) (float32
+[batch, proj_dim]).
+
+`load_encoder` rebuilds a trainable `keras.Model` with the same input convention (uint8 images of
+any size -> h) from the configs in assets.extra/ and the SavedModel's variables, so that the
+weights are stored only once. TF Serving ignores assets.extra/.
+
+The command line is `python -m simclr_keras.export` (simclr_keras/export/__main__.py).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+__all__ = ["EvaluationPreprocessing", "export_encoder", "export_versions", "load_encoder", "resolve_version_dir"]
+
+SIGNATURE_NAME = "serving_default"
+INPUT_NAME = "images"
+EMBEDDINGS = "embeddings"
+PROJECTIONS = "projections"
+# assets.extra/ is the SavedModel folder for files that TF Serving and tf.saved_model.load ignore.
+METADATA_PATH = os.path.join("assets.extra", "simclr_keras.json")
+
+
+def _variables_by_path(layer):
+    """The tf.Variables inside a Keras layer's weights, keyed by weight path ("conv1/kernel")."""
+    variables = {weight.path: weight.value for weight in layer.weights}
+    if len(variables) != len(layer.weights):  # a shared path would silently drop a weight
+        raise ValueError(f"the weights of {layer.name} do not have distinct paths; rename its layers.")
+    return variables
+
+
+class _ServingModule(tf.Module):
+    """The object tf.saved_model.save writes: the weights' tf.Variables and one signature.
+
+    The tf.Variables that Keras weights wrap are tracked, not the Keras layers: saving a Keras 3
+    weight adds a second, differently named copy of it to the graph, and TF Serving (like
+    saved_model_cli run) restores the copy while the signature reads the original, which it then
+    finds uninitialised. Keyed by path, the variables also restore into a rebuilt encoder
+    (`load_encoder`). The augmenter is not tracked: its evaluation path has no variables.
+    """
+
+    def __init__(self, encoder, projection_head, augmenter):
+        super().__init__(name="simclr_encoder")
+        self.encoder_variables = _variables_by_path(encoder)
+        self.projection_head_variables = _variables_by_path(projection_head)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
+        def serve(images):
+            views = augmenter(images, training=False)  # (B, S, S, 3) float32 in [0, 1]
+            embeddings = encoder(views, training=False)  # (B, D)
+            projections = projection_head(embeddings, training=False)  # (B, proj_dim)
+            # Encoder and head return float32 under any dtype policy; the casts pin the signature.
+            return {
+                EMBEDDINGS: tf.cast(embeddings, tf.float32),
+                PROJECTIONS: tf.cast(projections, tf.float32),
+            }
+
+        self.serve = serve
+
+
+def export_versions(export_dir):
+    """The version numbers in export_dir (folders named by an integer), ascending; [] if none."""
+    if not os.path.isdir(export_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(export_dir) if name.isascii() and name.isdigit())
+
+
+def resolve_version_dir(path):
+    """Returns path itself if it holds a SavedModel, else its highest version folder.
+
+    Raises FileNotFoundError, naming what was looked for, when neither holds a saved_model.pb.
+    """
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = export_versions(path)
+    if not versions:
+        raise FileNotFoundError(
+            f"{path} is neither a SavedModel (no saved_model.pb) nor an export directory of version "
+            "folders <n>/saved_model.pb written by simclr_keras.export_encoder."
+        )
+    version_dir = os.path.join(path, str(versions[-1]))
+    if not os.path.isfile(os.path.join(version_dir, "saved_model.pb")):
+        raise FileNotFoundError(f"the highest version {version_dir} holds no saved_model.pb.")
+    return version_dir
+
+
+def export_encoder(model, export_dir):
+    """Writes the encoder of a SimCLR model to export_dir/<n>, n one above the highest version there.
+
+    The SavedModel is written to a temporary folder inside export_dir first (a name TF Serving
+    ignores) and renamed into place, so a server polling export_dir never loads a partial version,
+    and an existing version, even one created meanwhile by another export, is never overwritten.
+
+    Args:
+      model: a `simclr_keras.SimCLR` (anything with `encoder`, `projection_head` and `augmenter`),
+        e.g. from `build_simclr` or `simclr_keras.runs.load_model`.
+      export_dir: TF Serving's model base path; created if missing.
+
+    Returns:
+      The path of the new version folder, export_dir/<n>.
+    """
+    os.makedirs(export_dir, exist_ok=True)
+    staging_dir = tempfile.mkdtemp(prefix=".export-", dir=export_dir)
+    try:
+        module = _ServingModule(model.encoder, model.projection_head, model.augmenter)
+        tf.saved_model.save(module, staging_dir, signatures={SIGNATURE_NAME: module.serve})
+        metadata = {
+            "encoder": keras.saving.serialize_keras_object(model.encoder),
+            "augmenter": keras.saving.serialize_keras_object(model.augmenter),
+        }
+        os.makedirs(os.path.join(staging_dir, os.path.dirname(METADATA_PATH)), exist_ok=True)
+        with open(os.path.join(staging_dir, METADATA_PATH), "w", encoding="utf-8") as file:
+            json.dump(metadata, file)
+        while True:
+            version_dir = os.path.join(export_dir, str(max(export_versions(export_dir), default=0) + 1))
+            if not os.path.exists(version_dir):
+                try:
+                    os.rename(staging_dir, version_dir)
+                    return version_dir
+                except OSError:
+                    if not os.path.exists(version_dir):
+                        raise
+            # Another export took this number between listing and renaming: try the next one.
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+@keras.saving.register_keras_serializable(package="simclr_keras")
+class EvaluationPreprocessing(keras.layers.Layer):
+    """The evaluation path of a `SimCLRAugmentation`, as a layer that fit() cannot switch to training.
+
+    A functional model passes its own `training` flag to every layer whose `call` takes one, which
+    would turn the augmenter's deterministic centre crop into random views during fine-tuning. This
+    layer's `call` has no `training` argument and always calls `augmenter(images, training=False)`.
+
+    Args:
+      augmenter: a `SimCLRAugmentation` (or its serialized config).
+    """
+
+    def __init__(self, augmenter, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(augmenter, dict):
+            augmenter = keras.saving.deserialize_keras_object(augmenter)
+        self.augmenter = augmenter
+        # uint8 inputs must reach the augmenter uncast, as in SimCLRAugmentation itself.
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+
+    def call(self, images):
+        return self.augmenter(images, training=False)  # (B, S, S, 3) float32 in [0, 1]
+
+    def compute_output_shape(self, input_shape):
+        return self.augmenter.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, images):
+        return keras.KerasTensor(self.compute_output_shape(images.shape), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config["augmenter"] = keras.saving.serialize_keras_object(self.augmenter)
+        return config
+
+
+def load_encoder(path):
+    """The exported encoder as a trainable `keras.Model`: uint8 images of any size -> h, float32 [B, D].
+
+    Inside, the evaluation preprocessing (`EvaluationPreprocessing`: centre crop, bicubic resize to
+    the training size, scale to [0, 1]; no weights) feeds the encoder, exactly as in the SavedModel's
+    signature, and stays deterministic during `fit`. Inputs are uint8 in [0, 255]; float inputs are
+    read on the same 0-255 scale (`keras.Sequential` casts its inputs to float32, which is
+    harmless). The bare encoder, float images in [0, 1] of the training size, is
+    `load_encoder(path).get_layer("encoder")`.
+
+    Usable for transfer learning: `keras.Sequential([load_encoder(path), keras.layers.Dense(10)])`,
+    with `trainable = False` on the encoder for a frozen one (its BatchNorm then also stays in
+    inference mode) or left trainable for fine-tuning. The model saves to `.keras`.
+
+    Args:
+      path: a version folder written by `export_encoder` (EXPORT_DIR/<n>), or EXPORT_DIR itself
+        for its highest version.
+
+    Raises:
+      FileNotFoundError: path holds no SavedModel, or one not written by `export_encoder`.
+    """
+    version_dir = resolve_version_dir(path)
+    metadata_path = os.path.join(version_dir, METADATA_PATH)
+    if not os.path.isfile(metadata_path):
+        raise FileNotFoundError(
+            f"{version_dir} has no {METADATA_PATH}, so it was not written by simclr_keras.export_encoder; "
+            "use tf.saved_model.load or keras.layers.TFSMLayer for inference instead."
+        )
+    with open(metadata_path, encoding="utf-8") as file:
+        metadata = json.load(file)
+    encoder = keras.saving.deserialize_keras_object(metadata["encoder"])
+    # The SavedModel's variables are a checkpoint of _ServingModule; the head's are not needed.
+    # read(), unlike restore(), adds no save counter that the SavedModel would lack.
+    tf.train.Checkpoint(encoder_variables=_variables_by_path(encoder)).read(
+        os.path.join(version_dir, "variables", "variables")
+    ).expect_partial().assert_existing_objects_matched()
+
+    images = keras.Input(shape=(None, None, 3), dtype="uint8", name=INPUT_NAME)
+    views = EvaluationPreprocessing(metadata["augmenter"], name="preprocessing")(images)  # (B, S, S, 3)
+    return keras.Model(images, encoder(views), name="simclr_encoder")

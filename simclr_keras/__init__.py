@@ -9,6 +9,7 @@ from simclr_keras.augment import SimCLRAugmentation
 from simclr_keras.backbones import resnet
 from simclr_keras.export import export_encoder, load_encoder
 from simclr_keras.heads import ProjectionHead
+from simclr_keras.models.moco import MoCo, build_moco
 from simclr_keras.models.simclr import SimCLR, build_simclr
 from simclr_keras.optimizers import LARS, WarmupCosineDecay, build_optimizer, scale_learning_rate
 
@@ -16,10 +17,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LARS",
+    "MoCo",
     "ProjectionHead",
     "SimCLR",
     "SimCLRAugmentation",
     "WarmupCosineDecay",
+    "build_moco",
     "build_optimizer",
     "build_simclr",
     "data",

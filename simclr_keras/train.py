@@ -37,10 +37,15 @@ flags.DEFINE_enum("backbone", "resnet18", ["resnet18", "resnet34", "resnet50"], 
 flags.DEFINE_float("width_multiplier", 1.0, "Channel width multiplier of the ResNet.")
 flags.DEFINE_integer("proj_layers", 2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2.")
 flags.DEFINE_integer("proj_dim", 128, "Output dimension of the projection head.")
-flags.DEFINE_float("temperature", 0.5, "NT-Xent temperature.")
+flags.DEFINE_enum("method", "simclr", ["simclr", "moco_v2"], "simclr, or moco_v2 (momentum key encoder and a queue of negatives).")
+flags.DEFINE_float("temperature", 0.5, "Contrastive temperature (SimCLR: 0.5 CIFAR, 0.1 ImageNet; MoCo v2: 0.2).")
 flags.DEFINE_enum("loss", "nt_xent", ["nt_xent", "hard_negative"], "nt_xent, or hard_negative (HCL; debiased with --hard_negative_beta=0).")
 flags.DEFINE_float("hard_negative_beta", 1.0, "HCL concentration beta on hard negatives (--loss=hard_negative).")
 flags.DEFINE_float("debias_tau_plus", 0.1, "Debiasing class prior tau_plus in [0, 1) (--loss=hard_negative).")
+flags.DEFINE_float("moco_momentum", 0.99, "MoCo key encoder momentum (0.99 CIFAR-scale, 0.999 ImageNet).")
+flags.DEFINE_integer("moco_queue_size", 4096, "MoCo queue of negatives (4096 CIFAR, 65536 ImageNet).")
+flags.DEFINE_bool("moco_symmetric", True, "MoCo symmetric loss: both views are queries and keys.")
+flags.DEFINE_integer("moco_key_bn_splits", 8, "MoCo: BatchNorm groups of the shuffled key batch (emulates shuffling BN).")
 flags.DEFINE_bool("freeze_encoder", False, "Train only the online probe on a frozen, randomly initialised encoder (baseline).")
 # Augmentation
 flags.DEFINE_float("color_jitter_strength", 0.5, "Colour distortion strength s (0.5 for CIFAR, 1.0 for ImageNet).")
@@ -89,6 +94,12 @@ def _validate():
         fail(f"--proj_layers and --proj_dim must be >= 1, got {FLAGS.proj_layers} and {FLAGS.proj_dim}.")
     if FLAGS.train_steps <= 0 and FLAGS.train_epochs <= 0:
         fail("set --train_epochs or --train_steps to a positive number.")
+    if not 0 <= FLAGS.moco_momentum < 1:
+        fail(f"--moco_momentum must be in [0, 1), got {FLAGS.moco_momentum}.")
+    if FLAGS.moco_queue_size < 1 or FLAGS.moco_key_bn_splits < 1:
+        fail(f"--moco_queue_size and --moco_key_bn_splits must be >= 1, got {FLAGS.moco_queue_size} and {FLAGS.moco_key_bn_splits}.")
+    if FLAGS.method == "moco_v2" and FLAGS.loss != "nt_xent":
+        fail(f"--loss={FLAGS.loss} applies to --method=simclr; MoCo v2 uses its InfoNCE loss with a queue.")
     if FLAGS.hard_negative_beta < 0:
         fail(f"--hard_negative_beta must be >= 0, got {FLAGS.hard_negative_beta}.")
     if not 0 <= FLAGS.debias_tau_plus < 1:
@@ -108,6 +119,7 @@ def run_training():
     import tensorflow as tf
 
     from simclr_keras import callbacks, data, distribute, export, optimizers, runs
+    from simclr_keras.models.moco import build_moco
     from simclr_keras.models.simclr import build_simclr
 
     # First: splitting the CPU into logical devices must happen before TensorFlow uses a device.
@@ -159,24 +171,46 @@ def run_training():
     warmup_steps = min(int(round(FLAGS.warmup_epochs * steps_per_epoch)), total_steps)
     schedule = optimizers.WarmupCosineDecay(learning_rate, total_steps, warmup_steps)
 
+    if FLAGS.method == "moco_v2":
+        keys_per_replica = FLAGS.batch_size // replicas * (2 if FLAGS.moco_symmetric else 1)
+        if keys_per_replica % FLAGS.moco_key_bn_splits:
+            fail(
+                f"--moco_key_bn_splits={FLAGS.moco_key_bn_splits} must divide the {keys_per_replica} keys each "
+                "replica computes per step (batch per replica, times 2 with --moco_symmetric)."
+            )
+        if FLAGS.moco_queue_size < keys_per_replica * replicas:
+            fail(f"--moco_queue_size={FLAGS.moco_queue_size} is smaller than the {keys_per_replica * replicas} keys of one step.")
+
+    shared_settings = dict(
+        image_size=FLAGS.image_size,
+        backbone=FLAGS.backbone,
+        width_multiplier=FLAGS.width_multiplier,
+        proj_layers=FLAGS.proj_layers,
+        proj_dim=FLAGS.proj_dim,
+        temperature=FLAGS.temperature,
+        color_jitter_strength=FLAGS.color_jitter_strength,
+        use_blur=FLAGS.use_blur,
+        num_classes=train_info.num_classes or None,
+        freeze_encoder=FLAGS.freeze_encoder,
+        synchronized_batch_norm=global_bn,
+        seed=FLAGS.seed,
+    )
     with strategy.scope():
-        model = build_simclr(
-            image_size=FLAGS.image_size,
-            backbone=FLAGS.backbone,
-            width_multiplier=FLAGS.width_multiplier,
-            proj_layers=FLAGS.proj_layers,
-            proj_dim=FLAGS.proj_dim,
-            temperature=FLAGS.temperature,
-            color_jitter_strength=FLAGS.color_jitter_strength,
-            use_blur=FLAGS.use_blur,
-            num_classes=train_info.num_classes or None,
-            freeze_encoder=FLAGS.freeze_encoder,
-            synchronized_batch_norm=global_bn,
-            loss=FLAGS.loss,
-            hard_negative_beta=FLAGS.hard_negative_beta,
-            debias_tau_plus=FLAGS.debias_tau_plus,
-            seed=FLAGS.seed,
-        )
+        if FLAGS.method == "moco_v2":
+            model = build_moco(
+                momentum=FLAGS.moco_momentum,
+                queue_size=FLAGS.moco_queue_size,
+                symmetric=FLAGS.moco_symmetric,
+                key_batch_norm_splits=FLAGS.moco_key_bn_splits,
+                **shared_settings,
+            )
+        else:
+            model = build_simclr(
+                loss=FLAGS.loss,
+                hard_negative_beta=FLAGS.hard_negative_beta,
+                debias_tau_plus=FLAGS.debias_tau_plus,
+                **shared_settings,
+            )
         model.compile(
             optimizer=optimizers.build_optimizer(
                 FLAGS.optimizer,

@@ -1,0 +1,235 @@
+"""MoCo v2: a momentum key encoder and a queue of negatives, in the same framework as SimCLR."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from simclr_keras.heads import ProjectionHead
+from simclr_keras.models.contrastive import ContrastiveModel, build_components
+
+
+def moco_logits(queries, keys, queue, temperature):
+    """InfoNCE logits of MoCo: each query against its own key (column 0) and every queued key.
+
+    Args:
+      queries, keys: [N, D] L2-normalised; row i of keys is the positive of row i of queries.
+      queue: [K, D] L2-normalised negatives.
+
+    Returns:
+      [N, 1 + K] float32 logits (positive first), divided by the temperature.
+    """
+    positive = tf.reduce_sum(queries * keys, axis=1, keepdims=True)  # (N, 1)
+    negatives = tf.matmul(queries, queue, transpose_b=True)  # (N, K)
+    return tf.concat([positive, negatives], axis=1) / temperature
+
+
+def moco_loss_with_accuracy(queries, keys, queue, temperature):
+    """Mean InfoNCE loss over the queries, and the fraction whose key outscores the whole queue."""
+    logits = moco_logits(queries, keys, queue, temperature)
+    labels = tf.zeros(tf.shape(logits)[0], tf.int32)
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), 0), tf.float32))
+    return loss, accuracy
+
+
+def enqueue(queue, pointer, keys):
+    """The queue after writing `keys` from `pointer` on, wrapping around its end; and the new pointer.
+
+    Args:
+      queue: [K, D]; pointer: int scalar in [0, K); keys: [M, D] with M <= K, oldest first.
+    """
+    size = tf.shape(queue, out_type=tf.int64)[0]
+    count = tf.shape(keys, out_type=tf.int64)[0]
+    rows = (tf.cast(pointer, tf.int64) + tf.range(count, dtype=tf.int64)) % size
+    return tf.tensor_scatter_nd_update(queue, rows[:, None], tf.cast(keys, queue.dtype)), (pointer + count) % size
+
+
+@keras.saving.register_keras_serializable(package="simclr_keras")
+class MoCo(ContrastiveModel):
+    """MoCo v2 (He et al., CVPR 2020, arXiv:1911.05722; Chen et al., arXiv:2003.04297).
+
+    The query encoder and head (the `encoder` and `projection_head`, which are what evaluation and
+    export use) are trained by gradient; a key encoder and head of the same architecture follow them
+    as an exponential moving average, key <- momentum * key + (1 - momentum) * query, after every
+    optimizer step. Each query's positive is the key of the other view of its image, and its
+    negatives are the `queue_size` most recent keys, kept in a queue that is a non-trainable model
+    variable (so checkpoints hold it and a resumed run continues it). Keys from every replica are
+    enqueued, oldest first.
+
+    With `symmetric=True` (the MoCo CIFAR-10 demo and solo-learn's default) both views serve as
+    queries and as keys and the two losses are averaged, and both views' keys are enqueued; with
+    False, view 1 is the query and view 2 the key, as in the original paper.
+
+    BatchNorm must not let a query find its key through batch statistics (MoCo's "shuffling BN").
+    Here the keys are computed on a shuffled batch split into `key_batch_norm_splits` groups, each
+    normalised with its own statistics, so a key's BatchNorm group has no relation to its query's —
+    the single-device emulation of shuffling BN used by the MoCo authors' CIFAR-10 demo (SplitBatchNorm
+    there), and the same code on every replica under tf.distribute. With synchronized BatchNorm each
+    group's statistics are gathered over the replicas' corresponding groups.
+
+    Args:
+      temperature: InfoNCE temperature (0.2 in MoCo v2).
+      momentum: key encoder momentum (0.99 for CIFAR-scale runs, 0.999 for ImageNet).
+      queue_size: number of queued negatives K (4096 for CIFAR, 65536 for ImageNet); it must hold at
+        least the keys of one step.
+      symmetric: symmetric loss (see above).
+      key_batch_norm_splits: groups of the key encoder's BatchNorm (1: the whole batch).
+      **kwargs: `ContrastiveModel`'s (encoder, projection_head, augmenter, num_classes, ...).
+    """
+
+    def __init__(
+        self,
+        *args,
+        temperature=0.2,
+        momentum=0.99,
+        queue_size=4096,
+        symmetric=True,
+        key_batch_norm_splits=8,
+        **kwargs,
+    ):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size!r}.")
+        if key_batch_norm_splits < 1:
+            raise ValueError(f"key_batch_norm_splits must be >= 1, got {key_batch_norm_splits!r}.")
+        super().__init__(*args, temperature=temperature, **kwargs)
+        self.momentum = float(momentum)
+        self.queue_size = int(queue_size)
+        self.symmetric = bool(symmetric)
+        self.key_batch_norm_splits = int(key_batch_norm_splits)
+
+        # The key network: same architecture, same initial weights, never trained by gradient.
+        self.key_encoder = self.encoder.__class__.from_config({**self.encoder.get_config(), "name": "key_encoder"})
+        self.key_projection_head = ProjectionHead.from_config(
+            {**self.projection_head.get_config(), "name": "key_projection_head"}
+        )
+        self.key_projection_head.build(self.representation_shape)
+        self.key_encoder.set_weights(self.encoder.get_weights())
+        self.key_projection_head.set_weights(self.projection_head.get_weights())
+        self.key_encoder.trainable = False
+        self.key_projection_head.trainable = False
+        # Draws the key batch's shuffle; its state is a model variable, so resumed runs continue it.
+        self.shuffle_seed_generator = keras.random.SeedGenerator(0, name="key_shuffle_seed")
+
+        projection_dim = self.projection_head.output_dim
+        # Random unit vectors, as MoCo initialises its queue; replaced after K / keys-per-step steps.
+        initial_queue = np.random.default_rng(0).normal(size=(self.queue_size, projection_dim))
+        initial_queue /= np.linalg.norm(initial_queue, axis=1, keepdims=True)
+        # Every replica computes the same global keys and writes the same values.
+        self.queue = self.add_weight(
+            shape=(self.queue_size, projection_dim),
+            initializer=keras.initializers.Constant(initial_queue.astype(np.float32)),
+            trainable=False,
+            dtype="float32",
+            aggregation="only_first_replica",
+            name="queue",
+        )
+        self.queue_pointer = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, dtype="int64", aggregation="only_first_replica",
+            name="queue_pointer",
+        )
+
+    def _momentum_pairs(self):
+        """(query weight, key weight) pairs of the parameters; BatchNorm statistics are left out.
+
+        The key network was built from the query network's config, so `weights` lists both in the
+        same order; the key's BatchNorm moving statistics follow its own forward passes, as in MoCo.
+        """
+        query = self.encoder.weights + self.projection_head.weights
+        key = self.key_encoder.weights + self.key_projection_head.weights
+        return [(q, k) for q, k in zip(query, key) if q.trainable]
+
+    def _keys(self, views):
+        """L2-normalised key projections [M, D] of views [M, S, S, 3], with shuffled BatchNorm groups."""
+        count = tf.shape(views)[0]
+        order = tf.argsort(keras.random.uniform([count], seed=self.shuffle_seed_generator))
+        groups = tf.split(tf.gather(views, order), self.key_batch_norm_splits, axis=0)
+        keys = tf.concat(
+            [self.key_projection_head(self.key_encoder(group, training=True), training=True) for group in groups],
+            axis=0,
+        )
+        # Undo the shuffle: the key of views[i] goes back to row i.
+        keys = tf.scatter_nd(order[:, None], keys, tf.shape(keys))
+        return tf.stop_gradient(tf.math.l2_normalize(keys, axis=1))
+
+    def contrastive_forward(self, view1, view2):
+        batch_size = tf.shape(view1)[0]
+        queue = tf.convert_to_tensor(self.queue)
+        if self.symmetric:
+            representation = self.encoder(tf.concat([view1, view2], axis=0), training=True)  # (2N, D)
+            queries = tf.math.l2_normalize(self.projection_head(representation, training=True), axis=1)
+            keys = self._keys(tf.concat([view1, view2], axis=0))
+            q1, q2 = queries[:batch_size], queries[batch_size:]
+            k1, k2 = keys[:batch_size], keys[batch_size:]
+            loss12, accuracy12 = moco_loss_with_accuracy(q1, k2, queue, self.temperature)
+            loss21, accuracy21 = moco_loss_with_accuracy(q2, k1, queue, self.temperature)
+            loss, accuracy = (loss12 + loss21) / 2, (accuracy12 + accuracy21) / 2
+            new_keys = tf.concat([k1, k2], axis=0)
+        else:
+            representation = self.encoder(view1, training=True)
+            queries = tf.math.l2_normalize(self.projection_head(representation, training=True), axis=1)
+            new_keys = self._keys(view2)
+            loss, accuracy = moco_loss_with_accuracy(queries, new_keys, queue, self.temperature)
+        return loss, accuracy, representation[:batch_size], new_keys
+
+    def after_optimizer_step(self, new_keys):
+        for query_weight, key_weight in self._momentum_pairs():
+            key_weight.assign(self.momentum * key_weight + (1.0 - self.momentum) * tf.cast(query_weight, key_weight.dtype))
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            new_keys = context.all_gather(new_keys, axis=0)  # replica 0's keys first, as in MoCo
+        queue, pointer = enqueue(self.queue, self.queue_pointer, new_keys)
+        self.queue.assign(queue)
+        self.queue_pointer.assign(pointer)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "queue_size": self.queue_size,
+                "symmetric": self.symmetric,
+                "key_batch_norm_splits": self.key_batch_norm_splits,
+            }
+        )
+        return config
+
+
+def build_moco(
+    image_size=32,
+    backbone="resnet18",
+    width_multiplier=1,
+    proj_layers=2,
+    proj_dim=128,
+    temperature=0.2,
+    color_jitter_strength=0.5,
+    use_blur=False,
+    num_classes=None,
+    freeze_encoder=False,
+    synchronized_batch_norm=False,
+    momentum=0.99,
+    queue_size=4096,
+    symmetric=True,
+    key_batch_norm_splits=8,
+    seed=None,
+):
+    """A MoCo v2 model from the settings of the command line (and of configs/moco_v2_cifar10.flags)."""
+    encoder, head, augmenter = build_components(
+        image_size, backbone, width_multiplier, proj_layers, proj_dim, color_jitter_strength, use_blur,
+        synchronized_batch_norm, seed,
+    )
+    return MoCo(
+        encoder=encoder,
+        projection_head=head,
+        augmenter=augmenter,
+        temperature=temperature,
+        num_classes=num_classes,
+        freeze_encoder=freeze_encoder,
+        synchronized_batch_norm=synchronized_batch_norm,
+        momentum=momentum,
+        queue_size=queue_size,
+        symmetric=symmetric,
+        key_batch_norm_splits=key_batch_norm_splits,
+        name="moco",
+    )

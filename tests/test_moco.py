@@ -1,0 +1,149 @@
+"""MoCo v2: the queue, the momentum update, the InfoNCE loss, checkpoints, and the command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_keras.models.moco import build_moco, enqueue, moco_loss_with_accuracy
+
+IMAGE_SIZE = 16
+
+
+def tiny_moco(**overrides):
+    keras.utils.set_random_seed(1)
+    settings = dict(
+        image_size=IMAGE_SIZE, width_multiplier=0.125, proj_dim=8, num_classes=3, queue_size=40,
+        key_batch_norm_splits=4, momentum=0.9, seed=1,
+    )
+    model = build_moco(**{**settings, **overrides})
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+    return model
+
+
+def batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), rng.integers(0, 3, n)
+
+
+def test_enqueue_writes_in_order_and_wraps_around():
+    queue = np.zeros((5, 2), np.float32)
+    keys = np.arange(8, dtype=np.float32).reshape(4, 2) + 1  # rows [1,2], [3,4], [5,6], [7,8]
+    new_queue, pointer = enqueue(tf.constant(queue), tf.constant(3, tf.int64), tf.constant(keys))
+    expected = np.array([[5, 6], [7, 8], [0, 0], [1, 2], [3, 4]], np.float32)  # slots 3, 4, 0, 1
+    np.testing.assert_array_equal(new_queue.numpy(), expected)
+    assert int(pointer) == 2
+
+
+def test_loss_matches_infonce_written_per_query():
+    rng = np.random.default_rng(0)
+
+    def unit(a):
+        return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+    queries, keys, queue = unit(rng.normal(size=(4, 3))), unit(rng.normal(size=(4, 3))), unit(rng.normal(size=(6, 3)))
+    expected = 0.0
+    for q, k in zip(queries, keys):
+        positive = math.exp(q @ k / 0.2)
+        expected += -math.log(positive / (positive + sum(math.exp(q @ n / 0.2) for n in queue)))
+    loss, accuracy = moco_loss_with_accuracy(queries, keys, queue, 0.2)
+    assert float(loss) == pytest.approx(expected / 4, rel=1e-5)
+    wins = np.mean([(q @ k) > max(q @ n for n in queue) for q, k in zip(queries, keys)])
+    assert float(accuracy) == pytest.approx(wins)
+
+
+def test_key_network_starts_equal_and_follows_by_momentum():
+    model = tiny_moco()
+    pairs = model._momentum_pairs()
+    assert len(pairs) == len(model.encoder.trainable_weights) + len(model.projection_head.trainable_weights)
+    for query, key in pairs:
+        np.testing.assert_array_equal(query.numpy(), key.numpy())
+    initial = [query.numpy().copy() for query, _ in pairs]
+    model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
+    moved = 0
+    for (query, key), start in zip(pairs, initial):
+        # key <- m * key + (1 - m) * query, where key was the initial query weight.
+        np.testing.assert_allclose(key.numpy(), 0.9 * start + 0.1 * query.numpy(), rtol=1e-5, atol=1e-6)
+        moved += not np.allclose(query.numpy(), start)
+    assert moved > 0
+    # The key network takes no gradient steps.
+    assert not model.key_encoder.trainable_weights and not model.key_projection_head.trainable_weights
+
+
+def test_queue_fills_with_normalised_keys_and_survives_a_checkpoint(tmp_path):
+    model = tiny_moco()
+    initial_queue = model.queue.numpy().copy()
+    model.fit(*batch(), batch_size=8, epochs=1, verbose=0)  # one step: 16 keys (symmetric)
+    queue = model.queue.numpy()
+    assert int(model.queue_pointer.numpy()) == 16
+    np.testing.assert_allclose(np.linalg.norm(queue[:16], axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(queue[:16], initial_queue[:16])
+    np.testing.assert_array_equal(queue[16:], initial_queue[16:])
+
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    restored = tiny_moco()
+    tf.train.Checkpoint(model=restored).restore(path).expect_partial()
+    np.testing.assert_array_equal(restored.queue.numpy(), queue)
+    assert int(restored.queue_pointer.numpy()) == 16
+    for (_, key), (_, restored_key) in zip(model._momentum_pairs(), restored._momentum_pairs()):
+        np.testing.assert_array_equal(key.numpy(), restored_key.numpy())
+
+
+def test_keys_are_unshuffled_back_to_their_images():
+    model = tiny_moco(key_batch_norm_splits=1)  # one BatchNorm group: keys must not depend on order
+    views = tf.constant(np.random.default_rng(3).uniform(size=(8, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
+    direct = model.key_projection_head(model.key_encoder(views, training=True), training=True)
+    np.testing.assert_allclose(model._keys(views), tf.math.l2_normalize(direct, axis=1), atol=1e-5)
+
+
+def test_config_round_trip_and_asymmetric_training():
+    model = tiny_moco(symmetric=False)
+    clone = type(model).from_config(model.get_config())
+    assert (clone.momentum, clone.queue_size, clone.symmetric, clone.key_batch_norm_splits) == (0.9, 40, False, 4)
+    history = model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][0]) and int(model.queue_pointer.numpy()) == 8
+
+
+@pytest.mark.parametrize(
+    "method_flags",
+    [
+        ["--method=moco_v2", "--temperature=0.2", "--moco_queue_size=256", "--moco_key_bn_splits=4"],
+        ["--loss=hard_negative", "--hard_negative_beta=1.0", "--debias_tau_plus=0.1"],
+        ["--loss=hard_negative", "--hard_negative_beta=0", "--debias_tau_plus=0.1"],
+    ],
+    ids=["moco_v2", "hcl", "debiased"],
+)
+def test_each_method_trains_from_the_command_line(cifar10_500, tmp_path, method_flags):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "simclr_keras.train", f"--dataset=folder:{cifar10_500}",
+            f"--model_dir={tmp_path}", "--train_steps=3", "--batch_size=32", "--width_multiplier=0.125",
+            "--eval_split=", *method_flags,
+        ],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(tmp_path, "train_log.jsonl"), encoding="utf-8") as file:
+        log = [json.loads(line) for line in file]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+
+
+def test_moco_flag_errors(cifar10_500, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "simclr_keras.train", f"--dataset=folder:{cifar10_500}",
+            f"--model_dir={tmp_path}", "--train_steps=1", "--batch_size=32", "--method=moco_v2",
+            "--moco_queue_size=16",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "error: --moco_queue_size=16 is smaller than the 64 keys of one step." in result.stderr
+    assert "Traceback" not in result.stderr

@@ -22,9 +22,12 @@ setup(
         "absl-py==2.5.1",
         # tf.summary needs it, and tensorflow 2.21 no longer installs it.
         "tensorboard==2.21.0",
+        # simclr_keras.plots: the PNGs training and evaluation write (Agg canvas, no display needed).
+        "matplotlib==3.11.2",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
+        # nbclient runs the notebooks in an ipykernel kernel (tests/test_notebooks.py).
+        "test": ["pytest==9.2.0", "hypothesis==6.170.15", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
         # For the README's gRPC client (Serving section). Its metadata requires the full `tensorflow` wheel
         # (572 MB), which pip then installs over tensorflow-cpu's files; beside tensorflow-cpu prefer
         # `pip install --no-deps tensorflow-serving-api==2.21.0` (grpcio and protobuf 7 are already there).

@@ -223,6 +223,14 @@ def resnet(
             f"image_size={image_size!r}."
         )
     stem = resolve_stem(stem, image_size)
+    # The CIFAR stem keeps the size and groups 2-4 halve it (8x in all); the ImageNet stem adds a
+    # strided conv and a strided max-pool (32x). Smaller images leave the last group under one pixel.
+    downsampling = 8 if stem == "cifar" else 32
+    if image_size < downsampling:
+        raise ValueError(
+            f"image_size must be >= {downsampling} for the {stem} stem, which downsamples by {downsampling}; "
+            f"received image_size={image_size!r}."
+        )
     block_kind, blocks_per_group = _RESNET_SPECIFICATIONS[depth]
     block_function = _basic_block if block_kind == "basic" else _bottleneck_block
     layers = _LayerFactory(

@@ -1,6 +1,9 @@
 """Keras callbacks that write a training run's outputs: per-step JSON log, checkpoints, stopping."""
 
 import json
+import math
+import os
+import signal
 import time
 
 import keras
@@ -12,14 +15,33 @@ def _global_step(model):
     return int(model.optimizer.iterations.numpy())
 
 
+def drop_partial_last_line(path):
+    """Cuts a text file after its last newline, dropping a last line that a kill left unfinished.
+
+    Returns the dropped fragment ("" when the file ends with a newline, is empty or is missing).
+    """
+    if not os.path.isfile(path):
+        return ""
+    with open(path, "rb+") as file:
+        content = file.read()
+        end = content.rfind(b"\n") + 1  # 0 when there is no newline at all
+        if end == len(content):
+            return ""
+        file.truncate(end)
+    return content[end:].decode("utf-8", errors="replace")
+
+
 class StepLogger(keras.callbacks.Callback):
     """Appends one JSON object per optimizer step to `path`, and the same scalars to TensorBoard.
 
     Each line holds `step` (global and 1-based, continuing across resumed runs), `time` (Unix time
     when the step ended) and the step's logs (`loss`, `contrastive_accuracy`, `learning_rate`, and the
-    probe's values when there is one). The file is flushed after every line, so a killed run leaves
-    only complete lines. TensorBoard scalars use the same global step (Keras' own TensorBoard callback
-    restarts its step count when a run resumes).
+    probe's values when there is one). The file is flushed after every line; should a kill cut the
+    last line short, the next run drops that fragment before appending, so the file stays valid
+    JSONL. A resumed run redoes the steps after its checkpoint and logs them again (the later record
+    of a step is the one that counts, see `simclr_keras.plots.read_train_log`). Non-finite values are
+    written as null, since JSON has no NaN. TensorBoard scalars use the same global step (Keras' own
+    TensorBoard callback restarts its step count when a run resumes).
     """
 
     def __init__(self, path, tensorboard_dir=None):
@@ -30,6 +52,7 @@ class StepLogger(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
+        drop_partial_last_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self.tensorboard_dir:
             self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
@@ -38,7 +61,8 @@ class StepLogger(keras.callbacks.Callback):
         step = _global_step(self.model)
         # np.mean: multi-worker logs arrive with shape [1] (see SimCLR._reducible).
         values = {name: float(np.mean(value)) for name, value in (logs or {}).items()}
-        self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        record = {name: (value if math.isfinite(value) else None) for name, value in values.items()}
+        self._file.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
         self._file.flush()
         if self._writer is not None:
             with self._writer.as_default(step=step):
@@ -54,29 +78,138 @@ class StepLogger(keras.callbacks.Callback):
             self._writer = None
 
 
+def _all_finite(variables):
+    """Whether every floating-point variable holds only finite values."""
+    checks = [tf.reduce_all(tf.math.is_finite(v)) for v in variables if tf.as_dtype(v.dtype).is_floating]
+    return bool(tf.reduce_all(checks)) if checks else True
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit` at the first step whose loss is NaN or infinite, and records that step.
+
+    Every logged value whose name ends in "loss" is checked after each step. Given to
+    `CheckpointEveryNSteps` (as `non_finite`, and placed before it in the callback list), it keeps
+    that callback from saving anything afterwards, so the latest checkpoint stays the last good one.
+
+    Attributes:
+      step: the global step of the first non-finite value; None while everything is finite.
+      reason: what was non-finite, e.g. "loss" or "weights".
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.step = None
+        self.reason = None
+
+    def record(self, step, reason):
+        if self.step is None:
+            self.step, self.reason = step, reason
+        self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        non_finite = sorted(
+            name
+            for name, value in (logs or {}).items()
+            if name.endswith("loss") and not np.all(np.isfinite(np.asarray(value, np.float64)))
+        )
+        if non_finite:
+            self.record(_global_step(self.model), ", ".join(non_finite))
+
+
 class CheckpointEveryNSteps(keras.callbacks.Callback):
     """Saves `checkpoint_manager` every `every_n_steps` global steps and when training ends.
 
     The manager's checkpoint holds the model and optimizer (so the step count, momentum and the
-    augmenter's random state resume too). TensorFlow writes the checkpoint files before it updates
-    the `checkpoint` index, so an interrupted write leaves the previous checkpoint as the latest.
+    augmenter's random state resume too). TensorFlow writes the checkpoint files, then replaces the
+    `checkpoint` index atomically, then deletes checkpoints beyond max_to_keep, so a kill at any
+    moment leaves a complete checkpoint as the latest.
+
+    Nothing is saved once `non_finite` (a `StopOnNonFinite`) has fired, nor when any weight or
+    optimizer variable is non-finite (which then stops training, recorded in `non_finite` as
+    "weights"): NaN weights never replace the last good checkpoint. A step is saved only once, even
+    if it is seen again (a mixed_float16 step skipped by loss scaling does not advance the count).
     """
 
-    def __init__(self, checkpoint_manager, every_n_steps):
+    def __init__(self, checkpoint_manager, every_n_steps, non_finite=None):
         super().__init__()
         self.checkpoint_manager = checkpoint_manager
         self.every_n_steps = every_n_steps
+        self.non_finite = non_finite
+        self._saved_step = None
+
+    def _save(self, step):
+        if self.non_finite is not None and self.non_finite.step is not None:
+            return
+        latest = self.checkpoint_manager.latest_checkpoint
+        if step == self._saved_step or (latest is not None and latest.endswith(f"-{step}")):
+            return
+        if not _all_finite(self.model.weights + self.model.optimizer.variables):
+            if self.non_finite is not None:
+                self.non_finite.record(step, "weights")
+            self.model.stop_training = True
+            return
+        self.checkpoint_manager.save(checkpoint_number=step)
+        self._saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
         step = _global_step(self.model)
         if self.every_n_steps > 0 and step % self.every_n_steps == 0:
-            self.checkpoint_manager.save(checkpoint_number=step)
+            self._save(step)
 
     def on_train_end(self, logs=None):
-        step = _global_step(self.model)
-        latest = self.checkpoint_manager.latest_checkpoint
-        if latest is None or not latest.endswith(f"-{step}"):
-            self.checkpoint_manager.save(checkpoint_number=step)
+        self._save(_global_step(self.model))
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Turns SIGINT and SIGTERM during `fit` into a stop after the current step.
+
+    `fit` then ends as usual, so `CheckpointEveryNSteps.on_train_end` saves the last completed step.
+    The first signal also puts back the handlers that were there before, so a second one acts at
+    once (Ctrl-C twice: KeyboardInterrupt; SIGTERM twice: the process ends). Python handles signals
+    in the main thread only; run from another thread, this callback does nothing.
+
+    Attributes:
+      received: the signal number of the first signal, None if none came.
+      step: the global step training stopped at after it.
+    """
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        super().__init__()
+        self.signals = tuple(signals)
+        self.received = None
+        self.step = None
+        self._previous_handlers = {}
+
+    @property
+    def signal_name(self):
+        return signal.Signals(self.received).name if self.received is not None else None
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+        self._restore_handlers()
+
+    def _restore_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            # None: the handler was not installed from Python; the default is the closest.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous_handlers = {}
+
+    def on_train_begin(self, logs=None):
+        try:
+            self._previous_handlers = {signum: signal.signal(signum, self._handle) for signum in self.signals}
+        except ValueError:  # not the main thread
+            self._previous_handlers = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received is not None:
+            self.step = _global_step(self.model)
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.received is not None and self.step is None:
+            self.step = _global_step(self.model)  # it came after the last step
+        self._restore_handlers()
 
 
 class StopAtStep(keras.callbacks.Callback):

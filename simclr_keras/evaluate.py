@@ -10,12 +10,14 @@ The encoder is a training run's latest checkpoint (--model_dir) or an exported e
 (--encoder=EXPORT_DIR/<version>, whose serving_default signature gives the features; finetune rebuilds a
 trainable encoder from it with simclr_keras.export.load_encoder). Features are those of unaugmented
 images through the encoder in inference mode. Prints one line with top-1 and top-5 test accuracy; --output also writes
-them, the example counts and every setting used, as JSON. simclr_keras.evaluation documents the
+them, the example counts and every setting used, as JSON, and the test confusion matrix as
+<output stem>_confusion.png (or --confusion_matrix=PATH). simclr_keras.evaluation documents the
 protocols.
 """
 
 import json
 import os
+import sys
 import time
 import types
 
@@ -23,6 +25,7 @@ from absl import app, flags, logging
 
 from simclr_keras.cli import fail
 from simclr_keras.cli import reject_positional_arguments
+from simclr_keras.cli import warn_about_data
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +42,7 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory holding prepared data
 flags.DEFINE_string("train_split", "train", "Labelled split the classifier (or kNN memory) is built from.")
 flags.DEFINE_string("eval_split", "test", "Split the accuracy is measured on.")
 flags.DEFINE_integer("max_train_examples", 0, "Use only the first N training images (class-balanced for folders); 0: all.")
+flags.DEFINE_bool("strict_data", False, "Stop on an image-folder file that does not decode, instead of skipping it with a warning.")
 flags.DEFINE_float("label_fraction", 1.0, "Class-balanced fraction of the training labels used, in (0, 1] (e.g. 0.01, 0.1).")
 flags.DEFINE_integer("image_size", None, "Side images are loaded at; default: the run's (--model_dir) or the export's size.")
 flags.DEFINE_integer("seed", 0, "Seed of the label subset, shuffling, augmentation and --random_init weights.")
@@ -54,6 +58,9 @@ flags.DEFINE_bool("linear_augment", False, "linear: random crop + flip of the tr
 flags.DEFINE_bool("standardize_features", True, "linear: standardise each feature with the training mean and std.")
 # Outputs
 flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+flags.DEFINE_string(
+    "confusion_matrix", None, "PNG of the test set's confusion matrix; default with --output: <output stem>_confusion.png; empty: none."
+)
 flags.DEFINE_integer("eval_batch_size", 500, "Batch size of feature extraction and testing.")
 
 
@@ -133,6 +140,29 @@ def _rebuild_exported_encoder(path):
     return (encoders[0], preprocessing[0].augmenter), None
 
 
+def _write_confusion_matrix(path, labels, scores, num_classes, class_names, description, source):
+    """Writes the PNG of the test confusion matrix (predictions: each row's highest score); a failure only warns.
+
+    The results are already printed and written as JSON, so a picture that cannot be drawn must not
+    turn the command into a failure.
+    """
+    import numpy as np
+
+    try:
+        from simclr_keras import plots
+
+        # argmax takes the lower class on ties, as top-1 accuracy does (evaluation.top_k_accuracy).
+        predictions = np.argmax(np.asarray(scores), axis=1)
+        dataset = FLAGS.dataset
+        if dataset.startswith("folder:"):  # a long absolute path would run off the picture
+            dataset = "folder:" + os.path.basename(os.path.normpath(dataset[len("folder:"):]))
+        source = os.path.basename(os.path.normpath(source))  # the run or version folder's name
+        title = f"{description} of {'random-init ' if FLAGS.random_init else ''}{source}\n{dataset}:{FLAGS.eval_split}"
+        plots.save_confusion_matrix(labels, predictions, num_classes, path, class_names, title)
+    except Exception as error:  # matplotlib, fonts, an unwritable path
+        print(f"warning: --confusion_matrix={path} was not written ({type(error).__name__}: {error})", file=sys.stderr)
+
+
 def run_evaluation():
     # Heavy imports after flag validation, so that --help and flag errors are instant.
     import keras
@@ -140,6 +170,10 @@ def run_evaluation():
 
     from simclr_keras import data, evaluation, optimizers, runs
 
+    try:  # before the encoder loads: a folder listing is cheap, decoding comes later
+        data.check_dataset(FLAGS.dataset, [FLAGS.train_split, FLAGS.eval_split])
+    except data.DatasetNotFoundError as error:
+        fail(str(error))
     started = time.time()
     keras.utils.set_random_seed(FLAGS.seed)
     settings = {
@@ -205,11 +239,15 @@ def run_evaluation():
 
     try:
         train_examples, train_info = data.load_images(
-            FLAGS.dataset, FLAGS.train_split, image_size, FLAGS.data_dir, FLAGS.max_train_examples
+            FLAGS.dataset, FLAGS.train_split, image_size, FLAGS.data_dir, FLAGS.max_train_examples, FLAGS.strict_data
         )
-        test_examples, test_info = data.load_images(FLAGS.dataset, FLAGS.eval_split, image_size, FLAGS.data_dir)
-    except data.DatasetNotFoundError as error:
+        test_examples, test_info = data.load_images(
+            FLAGS.dataset, FLAGS.eval_split, image_size, FLAGS.data_dir, strict=FLAGS.strict_data
+        )
+    except data.DatasetNotFoundError as error:  # InvalidImageError (--strict_data) included
         fail(str(error))
+    warn_about_data(FLAGS.dataset, FLAGS.train_split, train_info)
+    warn_about_data(FLAGS.dataset, FLAGS.eval_split, test_info)
     if not train_info.num_classes:
         fail(f"--train_split={FLAGS.train_split} of --dataset={FLAGS.dataset} has no labels.")
     if not test_info.num_classes:
@@ -330,6 +368,16 @@ def run_evaluation():
         except OSError as error:
             fail(f"--output={FLAGS.output} cannot be written ({error.strerror}); pass a writable file path.")
     source = ("random-init " if FLAGS.random_init else "") + (FLAGS.model_dir or settings["encoder"])
+    confusion_path = FLAGS.confusion_matrix
+    if confusion_path is None and FLAGS.output:
+        confusion_path = os.path.splitext(FLAGS.output)[0] + "_confusion.png"
+    if confusion_path:
+        # Fine-tuning returns only the scores; its test labels are read again, in the same order.
+        labels = evaluation.example_labels(test_examples) if FLAGS.protocol == "finetune" else test_labels
+        _write_confusion_matrix(
+            confusion_path, labels, result.scores, num_classes, test_info.class_names, description,
+            FLAGS.model_dir or settings["encoder"],
+        )  # fmt: skip
     print(
         f"{description} of {source} on {FLAGS.dataset}:{FLAGS.eval_split}: top-1 {result.top1:.4f}, "
         f"top-5 {result.top5:.4f} ({num_train} train, {num_test} test images, {num_classes} classes)"

@@ -249,7 +249,8 @@ def feature_function_from_saved_model(path):
 
     Returns (feature function, image size or None): the size is the side the signature fixes, None
     when it accepts any size. Raises ValueError naming what is missing when `path` holds a SavedModel
-    without such a signature; tf.saved_model.load's own errors when it holds none.
+    without such a signature, or whose `images` are not uint8 [batch, height, width, 3];
+    tf.saved_model.load's own errors when it holds none.
     """
     loaded = tf.saved_model.load(path)
     signature = loaded.signatures.get("serving_default") if hasattr(loaded, "signatures") else None
@@ -261,7 +262,15 @@ def feature_function_from_saved_model(path):
     if "embeddings" not in signature.structured_outputs:
         raise ValueError(f"{path}: serving_default returns {sorted(signature.structured_outputs)}, not `embeddings`.")
     input_spec = input_specs["images"]
-    height, width = (input_spec.shape.as_list() + [None] * 4)[1:3]
+    shape = input_spec.shape
+    # Images are fed as they are decoded: uint8 [batch, height, width, 3], values 0-255. Casting them
+    # to another input type would silently change their scale (e.g. floats expected in [0, 1]).
+    if input_spec.dtype != tf.uint8 or shape.rank not in (None, 4) or (shape.rank == 4 and shape[-1] not in (None, 3)):
+        raise ValueError(
+            f"{path}: serving_default takes `images` as {input_spec.dtype.name} {shape}, but evaluation feeds uint8 "
+            "[batch, height, width, 3] images (the input simclr_keras.export writes)."
+        )
+    height, width = (shape.as_list() + [None] * 4)[1:3] if shape.rank is not None else (None, None)
     image_size = height if height is not None and height == width else None
 
     def features(images):

@@ -259,9 +259,9 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, base_learning_rate, total_steps, warmup_steps=0, name=None):
         super().__init__()
-        if float(base_learning_rate) < 0:
+        if not 0 <= float(base_learning_rate) < math.inf:  # also rejects NaN
             raise ValueError(
-                "base_learning_rate must be >= 0, received "
+                "base_learning_rate must be finite and >= 0, received "
                 f"base_learning_rate={base_learning_rate!r}."
             )
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:

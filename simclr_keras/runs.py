@@ -2,11 +2,15 @@
 
     MODEL_DIR/
       model_config.json    the SimCLR model's Keras config, enough to rebuild it without the flags
-      checkpoints/         tf.train.Checkpoint(model=..., optimizer=...) files, latest in `checkpoint`
+      classes.json         the label -> class name mapping of the training data (sorted folder names)
+      checkpoints/         tf.train.Checkpoint(model=..., optimizer=..., random_states=...) files,
+                           latest in `checkpoint`
       flags.txt            the training flags, usable as a --flagfile
       train_log.jsonl      one JSON object per optimizer step
       tensorboard/         TensorBoard scalars by global step
       eval_results.json    the online probe's accuracy after training
+      training_curves.png  loss, learning rate, contrastive and probe accuracy by step (simclr_keras.plots)
+      augmented_pairs.png  a few training images, each with two random views from the model's augmenter
 """
 
 import json
@@ -14,32 +18,86 @@ import os
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 MODEL_CONFIG = "model_config.json"
+CLASSES = "classes.json"
 CHECKPOINTS = "checkpoints"
 
 
+def _write_json(path, value, indent=1):
+    """Writes JSON through a temporary file and a rename, so a kill never leaves half a file."""
+    temporary_path = f"{path}.tmp"
+    with open(temporary_path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=indent)
+    os.replace(temporary_path, path)
+
+
 def save_model_config(model, model_dir):
-    with open(os.path.join(model_dir, MODEL_CONFIG), "w", encoding="utf-8") as file:
-        json.dump(keras.saving.serialize_keras_object(model), file, indent=1)
+    _write_json(os.path.join(model_dir, MODEL_CONFIG), keras.saving.serialize_keras_object(model))
+
+
+def save_class_names(class_names, model_dir, dataset=None):
+    """Writes MODEL_DIR/classes.json: {"dataset", "class_names"}, class_names[label] naming each label."""
+    _write_json(os.path.join(model_dir, CLASSES), {"dataset": dataset, "class_names": list(class_names)})
+
+
+def random_states(model):
+    """The model's random-number states (e.g. its augmenter's SeedGenerator), keyed by position.
+
+    Keras keeps them out of `model.weights`, and tf.train.Checkpoint(model=...) does not save them:
+    without them a resumed run would restart its augmentation sequence from the seed.
+    """
+    weight_ids = {id(weight) for weight in model.weights}
+    states = [variable for variable in model.variables if id(variable) not in weight_ids]
+    return {f"state_{index}": state.value for index, state in enumerate(states)}
+
+
+def _checkpoint_candidates(checkpoint_dir):
+    """The checkpoints recorded in checkpoint_dir's `checkpoint` index, latest first."""
+    state = tf.train.get_checkpoint_state(checkpoint_dir)
+    if state is None:
+        return []
+    # get_checkpoint_state already prefixes the relative paths of the index with checkpoint_dir.
+    paths = [state.model_checkpoint_path] + list(reversed(state.all_model_checkpoint_paths))
+    return [path for index, path in enumerate(paths) if path and path not in paths[:index]]
 
 
 def make_checkpoint_manager(model, model_dir, save_dir=None, max_to_keep=3):
     """A tf.train.CheckpointManager over model and optimizer in MODEL_DIR/checkpoints.
 
-    Restores the latest checkpoint of MODEL_DIR if there is one. `save_dir` (default
-    MODEL_DIR/checkpoints) is where new checkpoints go: a multi-worker worker other than the chief
-    must take part in every save, restores from the chief's MODEL_DIR, and saves into scratch space.
-    Returns (manager, restored_step); restored_step is 0 for a fresh run.
+    Restores the latest checkpoint of MODEL_DIR if there is one, with the model's random states
+    (`random_states`; checkpoints written before they were saved restore without them). Should the
+    latest fail to restore (a damaged file), the next older one recorded is tried, with a warning.
+    `save_dir` (default MODEL_DIR/checkpoints) is where new checkpoints go: a multi-worker worker
+    other than the chief must take part in every save, restores from the chief's MODEL_DIR, and
+    saves into scratch space. Returns (manager, restored_step); restored_step is 0 for a fresh run.
+
+    Raises ValueError naming the checkpoints when there are some and none restores.
     """
     # Slot variables must exist before restoring, since Keras 3 optimizers create them in build().
     model.optimizer.build(model.trained_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
+    states = random_states(model)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, random_states=states)
     directory = save_dir or os.path.join(model_dir, CHECKPOINTS)
     manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+    failures = []
+    for path in _checkpoint_candidates(os.path.join(model_dir, CHECKPOINTS)):
+        try:
+            # expect_partial after the assertion: the random states are left to the read below.
+            status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(path)
+            status.assert_existing_objects_matched().expect_partial()
+        except Exception as error:  # a damaged file raises OpError, IndexError...; a mismatch AssertionError
+            failures.append(f"{path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+            continue
+        # read(): the states are absent from older checkpoints, which expect_partial allows.
+        tf.train.Checkpoint(random_states=states).read(path).expect_partial()
+        if failures:
+            logging.warning("restored %s; newer checkpoints failed to restore: %s", path, "; ".join(failures))
+        break
+    else:
+        if failures:
+            raise ValueError(f"no checkpoint in {os.path.join(model_dir, CHECKPOINTS)} restores: {'; '.join(failures)}")
     return manager, int(model.optimizer.iterations.numpy())
 
 

@@ -7,7 +7,8 @@
 Writes to --model_dir: checkpoints (re-running with the same model_dir resumes), flags.txt (the flags
 used, re-usable as a --flagfile), train_log.jsonl (one JSON object per step), TensorBoard logs in
 tensorboard/, and eval_results.json (the online linear probe on the evaluation split). With --export_dir,
-the encoder is then exported as a TF Serving SavedModel (see simclr_keras.export).
+the encoder is then exported as a TF Serving SavedModel (see simclr_keras.export). Last come two
+pictures (simclr_keras.plots): training_curves.png and augmented_pairs.png.
 """
 
 import json
@@ -21,6 +22,7 @@ from absl import app, flags, logging
 
 from simclr_keras.cli import fail
 from simclr_keras.cli import reject_positional_arguments
+from simclr_keras.cli import warn_about_data
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +34,7 @@ flags.DEFINE_string("eval_split", "test", "Split the online probe is evaluated o
 flags.DEFINE_integer("max_train_examples", 0, "Use only the first N training images (class-balanced for folders); 0: all.")
 flags.DEFINE_integer("image_size", 32, "Side of the square views fed to the encoder, in pixels.")
 flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation and initialisation.")
+flags.DEFINE_bool("strict_data", False, "Stop on an image-folder file that does not decode, instead of skipping it with a warning.")
 # Model
 flags.DEFINE_enum("backbone", "resnet18", ["resnet18", "resnet34", "resnet50"], "Encoder f.")
 flags.DEFINE_float("width_multiplier", 1.0, "Channel width multiplier of the ResNet.")
@@ -81,13 +84,42 @@ def _write_flags(path):
         file.write("\n".join(flag.serialize() for flag in module_flags if flag.value is not None) + "\n")
 
 
+def _write_plots(model, train_images, class_names, output_dir, seed):
+    """Writes training_curves.png and augmented_pairs.png into the run directory; a failure only warns.
+
+    Called once the final checkpoint (and export) is written, so that a picture never costs the run.
+    """
+    try:
+        from simclr_keras import plots
+
+        # The first 8 training images (for folders one per class: files are listed round-robin).
+        images, labels = next(iter(train_images.take(8).batch(8)))  # uint8 [8, S, S, 3], int64 [8]
+        captions = [class_names[label] if 0 <= label < len(class_names) else "" for label in labels.numpy()]
+        written = plots.write_run_plots(output_dir, model.augmenter, images.numpy(), captions, seed)
+        print(f"plots: {', '.join(sorted(written))} in {output_dir}")
+    except Exception as error:  # matplotlib, fonts, a full disk: none of them may fail a finished run
+        print(f"warning: the plots were not written ({type(error).__name__}: {error})", file=sys.stderr)
+
+
 def _validate():
     if FLAGS.temperature <= 0:
         fail(f"--temperature must be > 0, got {FLAGS.temperature}.")
     if FLAGS.batch_size < 2:
         fail(f"--batch_size must be >= 2 (NT-Xent needs negatives), got {FLAGS.batch_size}.")
     if FLAGS.image_size < 8:
-        fail(f"--image_size must be >= 8, got {FLAGS.image_size}.")
+        fail(
+            f"--image_size must be >= 8, got {FLAGS.image_size}: the ResNet downsamples by 8 (CIFAR stem, up to "
+            "32 px) or by 32 (ImageNet stem, above 32 px), and a smaller image leaves its last block under one pixel."
+        )
+    if not FLAGS.learning_rate > 0:
+        fail(f"--learning_rate must be > 0, got {FLAGS.learning_rate}.")
+    for name in ("warmup_epochs", "weight_decay", "color_jitter_strength", "max_train_examples", "checkpoint_every_n_steps"):
+        if getattr(FLAGS, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(FLAGS, name)}.")
+    if not 0 <= FLAGS.momentum < 1:
+        fail(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
+    if FLAGS.eval_batch_size < 1:
+        fail(f"--eval_batch_size must be >= 1, got {FLAGS.eval_batch_size}.")
     if FLAGS.width_multiplier <= 0:
         fail(f"--width_multiplier must be > 0, got {FLAGS.width_multiplier}.")
     if FLAGS.proj_layers < 1 or FLAGS.proj_dim < 1:
@@ -139,8 +171,10 @@ def run_training():
     keras.mixed_precision.set_dtype_policy(FLAGS.precision)
     try:
         os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):  # creatable is not writable (a read-only mount)
+            pass
     except OSError as error:
-        fail(f"--model_dir={FLAGS.model_dir} cannot be created ({error.strerror}); pass a writable directory.")
+        fail(f"--model_dir={FLAGS.model_dir} cannot be created or written ({error.strerror}); pass a writable directory.")
     # Checked now rather than after a long training run.
     if FLAGS.export_dir and chief:
         try:
@@ -151,14 +185,16 @@ def run_training():
     train_split = FLAGS.train_split or data.default_pretraining_split(FLAGS.dataset)
     try:
         train_images, train_info = data.load_images(
-            FLAGS.dataset, train_split, FLAGS.image_size, FLAGS.data_dir, FLAGS.max_train_examples
+            FLAGS.dataset, train_split, FLAGS.image_size, FLAGS.data_dir, FLAGS.max_train_examples, FLAGS.strict_data
         )
+        warn_about_data(FLAGS.dataset, train_split, train_info)
         eval_images = eval_info = None
         if FLAGS.eval_split and train_info.num_classes:
             eval_images, eval_info = data.load_images(
-                FLAGS.dataset, FLAGS.eval_split, FLAGS.image_size, FLAGS.data_dir
+                FLAGS.dataset, FLAGS.eval_split, FLAGS.image_size, FLAGS.data_dir, strict=FLAGS.strict_data
             )
-    except data.DatasetNotFoundError as error:
+            warn_about_data(FLAGS.dataset, FLAGS.eval_split, eval_info)
+    except data.DatasetNotFoundError as error:  # InvalidImageError (--strict_data) included
         fail(str(error))
 
     steps_per_epoch = train_info.num_examples // FLAGS.batch_size
@@ -221,11 +257,18 @@ def run_training():
                 exclude_layers=["linear_probe"],
             )
         )
-        manager, start_step = runs.make_checkpoint_manager(
-            model, FLAGS.model_dir, save_dir=None if chief else os.path.join(output_dir, runs.CHECKPOINTS)
-        )
+        try:
+            manager, start_step = runs.make_checkpoint_manager(
+                model, FLAGS.model_dir, save_dir=None if chief else os.path.join(output_dir, runs.CHECKPOINTS)
+            )
+        except ValueError as error:
+            fail(
+                f"--model_dir={FLAGS.model_dir} cannot be resumed with these flags: {error}. Pass the flags of that "
+                "run (--flagfile=MODEL_DIR/flags.txt) or a new --model_dir."
+            )
     if chief:
         runs.save_model_config(model, output_dir)
+        runs.save_class_names(train_info.class_names, output_dir, FLAGS.dataset)
         _write_flags(os.path.join(output_dir, "flags.txt"))
         print(
             f"{train_info.num_examples} training images ({FLAGS.dataset}:{train_split}), {steps_per_epoch} steps "
@@ -234,6 +277,9 @@ def run_training():
             + (f", resuming at step {start_step}" if start_step else "")
         )
 
+    # Outside fit: SIGINT/SIGTERM end the run at once (nothing is lost before the first step).
+    non_finite = callbacks.StopOnNonFinite()
+    stop_on_signal = callbacks.StopOnSignal()
     if start_step < total_steps:
         batches = data.training_batches(
             train_images, train_info, FLAGS.batch_size, FLAGS.image_size, seed=FLAGS.seed, start_step=start_step
@@ -247,12 +293,29 @@ def run_training():
                 callbacks.StepLogger(
                     os.path.join(output_dir, "train_log.jsonl"), os.path.join(output_dir, "tensorboard")
                 ),
-                callbacks.CheckpointEveryNSteps(manager, FLAGS.checkpoint_every_n_steps),
+                # Before the checkpoint callback, so that a non-finite step is never saved.
+                non_finite,
+                stop_on_signal,
+                callbacks.CheckpointEveryNSteps(manager, FLAGS.checkpoint_every_n_steps, non_finite),
                 callbacks.StopAtStep(total_steps),
             ],
             shuffle=False,  # the stream is already shuffled; Keras would only warn
             verbose="auto" if chief else 0,
         )
+    if non_finite.step is not None:
+        latest = tf.train.latest_checkpoint(os.path.join(FLAGS.model_dir, runs.CHECKPOINTS))
+        kept = f"the last checkpoint (step {latest.rsplit('-', 1)[-1]}) is kept" if latest else "no checkpoint was written"
+        fail(
+            f"non-finite {non_finite.reason} at step {non_finite.step}; {kept}. Lower --learning_rate "
+            "(or use --precision=float32) and rerun to resume from it."
+        )
+    if stop_on_signal.received is not None:
+        print(
+            f"stopped by {stop_on_signal.signal_name} at step {stop_on_signal.step}; the checkpoint of that step is "
+            f"in {os.path.join(FLAGS.model_dir, runs.CHECKPOINTS)}. Rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(128 + stop_on_signal.received)  # the shell's convention for a signal's exit status
 
     if eval_images is not None:
         results = model.evaluate(
@@ -278,6 +341,8 @@ def run_training():
         version_dir = export.export_encoder(model, FLAGS.export_dir if chief else os.path.join(output_dir, "export"))
         if chief:
             print(f"exported the encoder to {version_dir}")
+    if chief:
+        _write_plots(model, train_images, train_info.class_names, output_dir, FLAGS.seed)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # Synchronous training keeps every worker's weights identical; this line lets anyone check.
         fingerprint = sum(float(np.sum(np.square(w))) for w in model.get_weights())

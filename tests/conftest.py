@@ -40,3 +40,12 @@ def make_cifar10_subset(destination, train_per_class, test_per_class):
 def cifar10_500(tmp_path_factory):
     """500 training images (50 per class) and 100 test images (10 per class)."""
     return make_cifar10_subset(tmp_path_factory.mktemp("cifar10_500"), 50, 10)
+
+
+def read_png(path):
+    """Decodes a PNG file (uint8 [H, W, C]) and checks it is a picture, not a blank canvas."""
+    with open(path, "rb") as file:
+        image = tf.io.decode_png(file.read()).numpy()
+    assert image.ndim == 3 and image.shape[2] in (3, 4), image.shape
+    assert image[..., :3].std() > 0, f"{path} is blank"
+    return image

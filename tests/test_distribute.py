@@ -103,10 +103,10 @@ class ScaleOnly(keras.layers.Layer):
     """An augmenter without randomness (views = scaled images), so that both runs see the same views."""
 
     def call(self, images, training=True):
-        return tf.cast(images, tf.float32) / 255.0
+        return tf.cast(images, self.compute_dtype) / 255.0
 
 
-def one_step(strategy, images, labels):
+def one_step(strategy, images, labels, learning_rate=0.02):
     with strategy.scope():
         keras.utils.set_random_seed(7)
         model = SimCLR(
@@ -117,7 +117,7 @@ def one_step(strategy, images, labels):
             num_classes=3,
             synchronized_batch_norm=True,
         )
-        model.compile(optimizer=LARS(0.5, weight_decay=1e-4))
+        model.compile(optimizer=LARS(learning_rate, weight_decay=1e-4))
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(len(images))
     history = model.fit(dataset, epochs=1, verbose=0)
     return history.history, model.get_weights()
@@ -132,12 +132,16 @@ def test_two_replicas_of_b_equal_one_replica_of_2b_after_an_optimizer_step():
 
     for name in ("loss", "contrastive_accuracy", "probe_loss", "probe_accuracy"):
         assert replicated_logs[name][0] == pytest.approx(single_logs[name][0], abs=1e-5), name
+    # A small learning rate keeps float32 round-off small next to the tolerance: the BatchNorm scale
+    # gradients cancel heavily, and merely swapping the batch's halves on one device moves them by
+    # about 4e-3 of the update (2e-4 at LARS lr 0.5, 2e-4 * 0.02 / 0.5 here).
     largest = max(float(np.max(np.abs(a - b))) for a, b in zip(single_weights, replicated_weights))
     assert largest < 1e-5
-    # The step did move the weights, so the comparison is not between two initialisations.
+    # The step did move the weights well beyond the tolerance, so the comparison is not between two
+    # initialisations, and a wrong scaling (a loss counted twice, per-replica negatives) would show.
     keras.utils.set_random_seed(7)
     initial = resnet(depth=18, width_multiplier=0.125, image_size=IMAGE_SIZE).get_weights()
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(initial, single_weights)) > 1e-4
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(initial, single_weights)) > 1e-3
 
 
 def _free_port():

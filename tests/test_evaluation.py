@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import read_png
 from simclr_keras import evaluation
 
 
@@ -325,6 +326,20 @@ def test_cli_finetune_on_a_tenth_of_the_labels(tiny_run, tmp_path):
     # 5 of the 50 images of each class; the default batch of 256 shrinks to the 50 images.
     assert results["num_train"] == 50 and results["batch_size"] == 50 and results["epochs"] == 1
     assert results["learning_rate"] == pytest.approx(0.05 * 50 / 256)
+    # Beside --output, by default: the confusion matrix of the 100 test images.
+    image = read_png(tmp_path / "finetune_confusion.png")
+    assert image.shape[0] >= 400 and image.shape[1] >= 400, image.shape
+
+
+def test_cli_confusion_matrix_flag(tiny_run, tmp_path):
+    data_dir, model_dir = tiny_run
+    picture = tmp_path / "pictures" / "knn.png"
+    evaluate_to_json(
+        data_dir, f"--model_dir={model_dir}", tmp_path / "knn.json", "--protocol=knn", "--knn_k=10",
+        "--max_train_examples=100", f"--confusion_matrix={picture}",
+    )  # fmt: skip
+    read_png(picture)
+    assert not os.path.exists(tmp_path / "knn_confusion.png")  # the flag replaces the default path
 
 
 def test_cli_linear_with_augmentation_on_half_the_labels(tiny_run, tmp_path):

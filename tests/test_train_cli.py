@@ -73,6 +73,19 @@ def test_the_run_reloads_with_the_probe_accuracy_it_reported(three_step_run):
         runs.load_model(data_dir)
 
 
+def test_writes_the_training_curves_and_augmented_pairs_pictures(three_step_run):
+    from conftest import read_png
+
+    _, model_dir, result = three_step_run
+    curves = read_png(os.path.join(model_dir, "training_curves.png"))
+    pairs = read_png(os.path.join(model_dir, "augmented_pairs.png"))
+    assert curves.shape[0] >= 500 and curves.shape[1] >= 800, curves.shape  # four panels
+    # 8 training images, each above its two views: a wide grid of three rows.
+    assert pairs.shape[1] > 2 * pairs.shape[0] > 600, pairs.shape
+    assert "plots: augmented_pairs.png, training_curves.png" in result.stdout
+    assert "the plots were not written" not in result.stderr
+
+
 def test_rerunning_resumes_and_flags_txt_is_a_flagfile(three_step_run):
     data_dir, model_dir, _ = three_step_run
     flags_file = os.path.join(model_dir, "flags.txt")
@@ -101,3 +114,18 @@ def test_bad_flags_end_in_one_line_without_traceback(cifar10_500, tmp_path, flag
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+def test_every_config_parses_as_a_flagfile(config):
+    from absl import flags
+
+    import simclr_keras.train  # noqa: F401  (defines the flags)
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", config)
+    parsed = flags.FLAGS(["train", f"--flagfile={path}", "--model_dir=unused"], known_only=False)
+    try:
+        assert parsed == ["train"]
+        assert flags.FLAGS.batch_size >= 2 and flags.FLAGS.temperature > 0
+    finally:
+        flags.FLAGS.unparse_flags()

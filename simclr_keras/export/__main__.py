@@ -7,6 +7,7 @@ Restores the run's latest checkpoint and writes its encoder to the next version 
 `simclr_keras.export` for what the SavedModel holds.
 """
 
+import os
 
 from absl import app, flags, logging
 
@@ -24,6 +25,9 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     reject_positional_arguments(argv)
+    # Checked before TensorFlow loads and the model is rebuilt.
+    if os.path.exists(FLAGS.export_dir) and not os.path.isdir(FLAGS.export_dir):
+        fail(f"--export_dir={FLAGS.export_dir} is a file; pass a directory (versions are written into it).")
     from simclr_keras import export, runs
 
     try:

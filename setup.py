@@ -32,5 +32,8 @@ setup(
         # (572 MB), which pip then installs over tensorflow-cpu's files; beside tensorflow-cpu prefer
         # `pip install --no-deps tensorflow-serving-api==2.21.0` (grpcio and protobuf 7 are already there).
         "serving": ["tensorflow-serving-api==2.21.0"],
+        # benchmarks/train_throughput.py's PyTorch peer only; never needed to train or evaluate.
+        # On x86_64 pip takes torch 2.14.1 and torchvision 0.29.1 as one matching pair.
+        "bench": ["torch==2.14.1", "torchvision==0.29.1", "lightly==1.6.0"],
     },
 )

@@ -10,6 +10,9 @@ import os
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+# CPU features with native bfloat16 arithmetic (oneDNN uses them for bfloat16 convolutions and matmuls).
+_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def split_host_cpu(num_devices):
@@ -71,6 +74,36 @@ def make_strategy(name="default", tpu_address=None, cpu_replicas=0):
     if not devices:
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)
+
+
+def cpu_has_bfloat16(cpuinfo_path="/proc/cpuinfo"):
+    """Whether this CPU computes in bfloat16 natively (AVX512_BF16 or AMX); False where it cannot tell."""
+    try:
+        with open(cpuinfo_path, encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in _BFLOAT16_CPU_FLAGS)
+    except OSError:  # not Linux
+        pass
+    return False
+
+
+def resolve_precision(precision, strategy):
+    """The Keras dtype policy for `precision`; "auto" picks the fastest one for the hardware.
+
+    "auto": mixed_bfloat16 on TPU and on CPUs with native bfloat16 (AVX512_BF16 / AMX), where it is
+    faster than float32 (BENCHMARKS.md); mixed_float16 on GPUs (Keras then scales the loss);
+    float32 elsewhere. Other values are returned as they are.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}.")
+    if precision != "auto":
+        return precision
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    if tf.config.list_logical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
 
 
 def is_chief(strategy):

@@ -9,8 +9,8 @@ other replicas' projections so that every anchor is contrasted with the whole gl
 
 import tensorflow as tf
 
-# Added to an anchor's similarity with itself so that it never counts as a candidate. Finite (not
-# -inf) so that 0 * mask stays 0 in the gradient; exp(-1e9) underflows to exactly 0.
+# Written over an anchor's similarity with itself so that it never counts as a candidate. Finite
+# (not -inf) so that no inf - inf appears in the softmax; exp(-1e9) underflows to exactly 0.
 _SELF_SIMILARITY_PENALTY = 1e9
 
 
@@ -37,7 +37,7 @@ def contrastive_logits(z1, z2, temperature):
       logits: [2N, 2M] float32, where 2N anchors are this replica's views (z1 rows then z2 rows) and
         2M candidates are the views of the global batch (M = N times the number of replicas): all z1
         rows of every replica, then all z2 rows. An anchor's similarity with itself is pushed to a
-        large negative value, leaving the positive and 2M - 2 negatives.
+        large negative value (-1e9), leaving the positive and 2M - 2 negatives.
       positive_index: [2N] int32, the column of each anchor's other view.
     """
     z1 = tf.math.l2_normalize(tf.cast(z1, tf.float32), axis=-1)
@@ -47,14 +47,19 @@ def contrastive_logits(z1, z2, temperature):
     local_size = tf.shape(z1)[0]
     global_size = tf.shape(global_z1)[0]
 
-    anchors = tf.concat([z1, z2], axis=0)  # (2N, D)
+    # 1/tau scales the (2N, D) anchors rather than the (2N, 2M) product: the matmul writes the only
+    # 2N x 2M matrix, and masking overwrites 2N of its entries instead of building a one-hot mask.
+    anchors = tf.concat([z1, z2], axis=0) * (1.0 / temperature)  # (2N, D)
     candidates = tf.concat([global_z1, global_z2], axis=0)  # (2M, D)
-    logits = tf.matmul(anchors, candidates, transpose_b=True) / temperature  # (2N, 2M)
+    logits = tf.matmul(anchors, candidates, transpose_b=True)  # (2N, 2M)
 
     local_rows = offset + tf.range(local_size)  # where this replica's z1 rows sit among the M
     self_index = tf.concat([local_rows, local_rows + global_size], axis=0)
     positive_index = tf.concat([local_rows + global_size, local_rows], axis=0)
-    logits -= _SELF_SIMILARITY_PENALTY * tf.one_hot(self_index, 2 * global_size)
+    self_positions = tf.stack([tf.range(2 * local_size), self_index], axis=1)  # (2N, 2): (row, column)
+    logits = tf.tensor_scatter_nd_update(
+        logits, self_positions, tf.fill([2 * local_size], tf.constant(-_SELF_SIMILARITY_PENALTY, logits.dtype))
+    )
     return logits, positive_index
 
 

@@ -63,7 +63,12 @@ flags.DEFINE_enum("lr_scaling", "linear", ["linear", "sqrt"], "linear: lr*B/256;
 flags.DEFINE_float("warmup_epochs", 10, "Linear warm-up length in epochs, then cosine decay.")
 flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (BatchNorm and bias variables excluded).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of LARS and SGD.")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
+flags.DEFINE_enum(
+    "precision",
+    "float32",
+    ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+    "Keras dtype policy; auto: mixed_bfloat16 on TPU and bfloat16 CPUs, mixed_float16 on GPU, else float32.",
+)
 # Distribution
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy; multi_worker reads TF_CONFIG.")
 flags.DEFINE_string("tpu", None, "TPU address for --strategy=tpu (empty: the local TPU VM).")
@@ -168,7 +173,8 @@ def run_training():
     output_dir = FLAGS.model_dir if chief else tempfile.mkdtemp(prefix="simclr_worker_")
 
     keras.utils.set_random_seed(FLAGS.seed)
-    keras.mixed_precision.set_dtype_policy(FLAGS.precision)
+    precision = distribute.resolve_precision(FLAGS.precision, strategy)
+    keras.mixed_precision.set_dtype_policy(precision)
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):  # creatable is not writable (a read-only mount)
@@ -272,7 +278,7 @@ def run_training():
         _write_flags(os.path.join(output_dir, "flags.txt"))
         print(
             f"{train_info.num_examples} training images ({FLAGS.dataset}:{train_split}), {steps_per_epoch} steps "
-            f"per epoch, {total_steps} steps, learning rate {learning_rate:g}, {replicas} replica(s)"
+            f"per epoch, {total_steps} steps, learning rate {learning_rate:g}, {replicas} replica(s), {precision}"
             + (", global BatchNorm" if global_bn else "")
             + (f", resuming at step {start_step}" if start_step else "")
         )

@@ -181,3 +181,25 @@ def test_two_workers_on_loopback_train_to_identical_weights(cifar10_500, tmp_pat
         assert [json.loads(line)["step"] for line in file] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "ckpt-2.index").exists()
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_precision_auto_follows_the_hardware(tmp_path, monkeypatch):
+    from simclr_keras import distribute
+
+    # Flag lines as Linux writes them in /proc/cpuinfo: one AVX-512 CPU without bfloat16, one with AMX.
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    assert not distribute.cpu_has_bfloat16(str(plain))
+    assert distribute.cpu_has_bfloat16(str(amx))
+    assert not distribute.cpu_has_bfloat16(str(tmp_path / "missing"))
+
+    strategy = tf.distribute.get_strategy()  # no GPU and no TPU here
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: True)
+    assert distribute.resolve_precision("auto", strategy) == "mixed_bfloat16"
+    monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: False)
+    assert distribute.resolve_precision("auto", strategy) == "float32"
+    assert distribute.resolve_precision("mixed_float16", strategy) == "mixed_float16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        distribute.resolve_precision("float16", strategy)

@@ -14,7 +14,8 @@ random tensors made before timing: no decoding and no augmentation, which favour
 A and B alternate (A B A B ...) for --rounds rounds, each in a fresh process; the table gives each
 round's median images/s, the median over rounds and the ratio of the medians. Model FLOP
 utilisation uses 3.3 GFLOP per 32x32 image (forward + backward of ResNet-18, CIFAR stem) against
---peak_gflops (500 float32 / 840 bfloat16 measured with a 4096^3 matmul on the 2-core reference CPU).
+--peak_gflops, by default a 4096^3 matmul's rate measured in the same run (TensorFlow, the same
+precision): the most this machine's cores give one large, ideal operation.
 
     pip install -e ".[bench]"   # torch, torchvision, lightly: only for the peer
     python benchmarks/train_throughput.py --data_dir=../shared/datasets/cifar10 --precision=mixed_bfloat16
@@ -39,8 +40,8 @@ flags.DEFINE_integer("warmup_steps", 4, "Steps left out of each measurement (tra
 flags.DEFINE_integer("rounds", 2, "A B rounds.")
 flags.DEFINE_float("width_multiplier", 1.0, "ResNet-18 width (both sides).")
 flags.DEFINE_list("ours_flags", [], "Extra flags for simclr_keras.train, e.g. --ours_flags=--jit_compile.")
-flags.DEFINE_float("peak_gflops", 0.0, "Hardware peak for MFU; 0: 840 for bfloat16, 500 for float32.")
-flags.DEFINE_enum("only", "", ["", "ours", "peer"], "Internal / debugging: run one side once and print JSON.")
+flags.DEFINE_float("peak_gflops", 0.0, "Hardware peak for MFU; 0: measured here with a 4096^3 matmul in the precision.")
+flags.DEFINE_enum("only", "", ["", "ours", "peer", "matmul"], "Internal / debugging: run one side once and print JSON.")
 FLAGS = flags.FLAGS
 
 GFLOP_PER_IMAGE = 3.3  # ResNet-18, CIFAR stem, 32x32: ~0.56 GFLOP forward (x2 for multiply-adds) x3 with backward
@@ -113,22 +114,42 @@ def run_peer():
     return _median_rate(step_seconds, 2 * FLAGS.batch_size)
 
 
+def run_matmul():
+    """GFLOP/s of a 4096^3 matrix product in the benchmark's precision (median of 5)."""
+    import tensorflow as tf
+
+    dtype = tf.bfloat16 if FLAGS.precision == "mixed_bfloat16" else tf.float32
+    a = tf.cast(tf.random.uniform([4096, 4096]), dtype)
+    b = tf.cast(tf.random.uniform([4096, 4096]), dtype)
+    seconds = []
+    for _ in range(6):
+        start = time.perf_counter()
+        tf.matmul(a, b).numpy()
+        seconds.append(time.perf_counter() - start)
+    return 2 * 4096**3 / statistics.median(seconds[1:]) / 1e9
+
+
+def _run_side(side):
+    command = [sys.executable, __file__, f"--only={side}"] + [
+        argument for argument in sys.argv[1:] if not argument.startswith("--only")
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if result.returncode:
+        raise SystemExit(result.stdout[-2000:] + result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])[side]
+
+
 def main(argv):
     del argv
     if FLAGS.only:
-        print(json.dumps({FLAGS.only: (run_ours if FLAGS.only == "ours" else run_peer)()}))
+        print(json.dumps({FLAGS.only: {"ours": run_ours, "peer": run_peer, "matmul": run_matmul}[FLAGS.only]()}))
         return
-    peak = FLAGS.peak_gflops or (840.0 if FLAGS.precision == "mixed_bfloat16" else 500.0)
+    peak = FLAGS.peak_gflops or _run_side("matmul")
+    print(f"peak: {peak:.0f} GFLOP/s ({'--peak_gflops' if FLAGS.peak_gflops else '4096^3 matmul, measured now'})")
     rates = {"ours": [], "peer": []}
     for round_index in range(FLAGS.rounds):
         for side in ("ours", "peer"):
-            command = [sys.executable, __file__, f"--only={side}"] + [
-                argument for argument in sys.argv[1:] if not argument.startswith("--only")
-            ]
-            result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-            if result.returncode:
-                raise SystemExit(result.stdout[-2000:] + result.stderr[-3000:])
-            rate = json.loads(result.stdout.strip().splitlines()[-1])[side]
+            rate = _run_side(side)
             rates[side].append(rate)
             print(f"round {round_index + 1} {side}: {rate:.1f} images/s", flush=True)
     ours, peer = statistics.median(rates["ours"]), statistics.median(rates["peer"])

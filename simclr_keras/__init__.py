@@ -7,6 +7,7 @@ Representations", ICML 2020 (arXiv:2002.05709).
 from simclr_keras import data, losses
 from simclr_keras.augment import SimCLRAugmentation
 from simclr_keras.backbones import resnet
+from simclr_keras.batch_norm import FusedBatchNormalization
 from simclr_keras.export import export_encoder, load_encoder
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.moco import MoCo, build_moco
@@ -16,6 +17,7 @@ from simclr_keras.optimizers import LARS, WarmupCosineDecay, build_optimizer, sc
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedBatchNormalization",
     "LARS",
     "MoCo",
     "ProjectionHead",

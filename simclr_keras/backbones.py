@@ -30,6 +30,8 @@ official code initialises it to zero).
 
 import keras
 
+from simclr_keras.batch_norm import FusedBatchNormalization
+
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
 
@@ -133,7 +135,7 @@ class _LayerFactory:
 
     def batch_norm(self, inputs, name, relu=True, closes_residual_branch=False):
         zero_gamma = closes_residual_branch and self.zero_initialize_residual_gamma
-        outputs = keras.layers.BatchNormalization(
+        outputs = FusedBatchNormalization(
             momentum=BATCH_NORM_MOMENTUM,
             epsilon=BATCH_NORM_EPSILON,
             gamma_initializer="zeros" if zero_gamma else "ones",

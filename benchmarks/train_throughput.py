@@ -159,7 +159,10 @@ def main(argv):
     for name, value in (("simclr_keras", ours), ("torch + lightly", peer)):
         per_round = ", ".join(f"{r:.1f}" for r in rates["ours" if name == "simclr_keras" else "peer"])
         print(f"| {name} | {value:.1f} | {per_round} | {100 * value * GFLOP_PER_IMAGE / peak:.0f}% |")
-    print(f"\nratio simclr_keras / peer: {ours / peer:.2f}")
+    print(f"\nratio simclr_keras / peer: {ours / peer:.2f} (of the medians)")
+    # The machine's own speed drifts between rounds; each round's A and B ran back to back.
+    paired = [a / b for a, b in zip(rates["ours"], rates["peer"])]
+    print(f"per-round ratios: {', '.join(f'{r:.2f}' for r in paired)}; median {statistics.median(paired):.2f}")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         channels = inputs.shape[-1]
         scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels], tf.float32)
         offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels], tf.float32)
-        inputs = tf.cast(inputs, self.compute_dtype)
-        if inputs.dtype not in (tf.float32, tf.bfloat16, tf.float16):
-            inputs = tf.cast(inputs, tf.float32)
+        inputs = tf.cast(inputs, self.compute_dtype)  # float32, bfloat16 or float16: all the kernel takes
         # The kernel computes in float32 whatever the activations' dtype. With empty running
         # statistics and an averaging factor of 1 it returns this batch's mean and variance.
         empty = tf.constant([], tf.float32)

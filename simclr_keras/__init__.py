@@ -8,6 +8,7 @@ from simclr_keras import data, losses
 from simclr_keras.augment import SimCLRAugmentation
 from simclr_keras.backbones import resnet
 from simclr_keras.batch_norm import FusedBatchNormalization
+from simclr_keras.conv import MatmulGradientConv2D
 from simclr_keras.export import export_encoder, load_encoder
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.moco import MoCo, build_moco
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedBatchNormalization",
     "LARS",
+    "MatmulGradientConv2D",
     "MoCo",
     "ProjectionHead",
     "SimCLR",

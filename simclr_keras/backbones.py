@@ -31,6 +31,7 @@ official code initialises it to zero).
 import keras
 
 from simclr_keras.batch_norm import FusedBatchNormalization
+from simclr_keras.conv import MatmulGradientConv2D
 
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
@@ -121,7 +122,7 @@ class _LayerFactory:
             padding = "valid"
         else:
             padding = "same"
-        return keras.layers.Conv2D(
+        return MatmulGradientConv2D(
             filters,
             kernel_size,
             strides=strides,

@@ -222,3 +222,34 @@ class StopAtStep(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if _global_step(self.model) >= self.total_steps:
             self.model.stop_training = True
+
+
+class ProfileSteps(keras.callbacks.Callback):
+    """Records a TensorFlow profile of global steps first..last (1-based, inclusive) into `logdir`.
+
+    The trace lands in logdir/plugins/profile/<time>/ and opens in TensorBoard's Profile tab (the
+    tensorboard-plugin-profile package) or with benchmarks/step_profile.py. Steps are counted like the
+    log's, so a resumed run profiles the same global steps; a range already passed records nothing.
+    """
+
+    def __init__(self, logdir, first, last):
+        super().__init__()
+        self.logdir, self.first, self.last = logdir, first, last
+        self.active = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.active and _global_step(self.model) + 1 == self.first:
+            tf.profiler.experimental.start(self.logdir)
+            self.active = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.active and _global_step(self.model) >= self.last:
+            self._stop()
+
+    def on_train_end(self, logs=None):
+        self._stop()  # a run that ends (or is stopped) inside the range still writes its trace
+
+    def _stop(self):
+        if self.active:
+            tf.profiler.experimental.stop()
+            self.active = False

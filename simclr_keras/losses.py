@@ -26,6 +26,41 @@ def _gather_across_replicas(tensor):
     return gathered, replica_id * tf.shape(tensor)[0]
 
 
+def _anchors_and_candidates(z1, z2, temperature):
+    """The pieces of the similarity matrix, without forming it.
+
+    Returns:
+      anchors: [2N, D] this replica's normalised views (z1 rows then z2 rows), times 1/tau. Scaling
+        the anchors rather than the [2N, 2M] product saves a pass over (and a copy of) the matrix.
+      candidates: [2M, D] the normalised views of the global batch (M = N times the number of
+        replicas): all z1 rows of every replica, then all z2 rows.
+      self_positions: [2N, 2] int32 (row, column) of each anchor's similarity with itself.
+      positive_index: [2N] int32, the column of each anchor's other view.
+    """
+    z1 = tf.math.l2_normalize(tf.cast(z1, tf.float32), axis=-1)
+    z2 = tf.math.l2_normalize(tf.cast(z2, tf.float32), axis=-1)
+    global_z1, offset = _gather_across_replicas(z1)
+    global_z2, _ = _gather_across_replicas(z2)
+    local_size = tf.shape(z1)[0]
+    global_size = tf.shape(global_z1)[0]
+    anchors = tf.concat([z1, z2], axis=0) * (1.0 / temperature)
+    candidates = tf.concat([global_z1, global_z2], axis=0)
+    local_rows = offset + tf.range(local_size)  # where this replica's z1 rows sit among the M
+    self_index = tf.concat([local_rows, local_rows + global_size], axis=0)
+    positive_index = tf.concat([local_rows + global_size, local_rows], axis=0)
+    self_positions = tf.stack([tf.range(2 * local_size), self_index], axis=1)
+    return anchors, candidates, self_positions, positive_index
+
+
+def _masked_logits(anchors, candidates, self_positions):
+    """[2N, 2M] anchors . candidates, with each anchor's similarity to itself overwritten by -1e9."""
+    logits = tf.matmul(anchors, candidates, transpose_b=True)
+    penalty = tf.fill([tf.shape(self_positions)[0]], tf.constant(-_SELF_SIMILARITY_PENALTY, logits.dtype))
+    # Overwrites 2N entries (in place when nothing else holds the product) instead of subtracting a
+    # one-hot [2N, 2M] mask.
+    return tf.tensor_scatter_nd_update(logits, self_positions, penalty)
+
+
 def contrastive_logits(z1, z2, temperature):
     """Scaled cosine similarities of every anchor with every candidate, and the positives' indices.
 
@@ -40,27 +75,44 @@ def contrastive_logits(z1, z2, temperature):
         large negative value (-1e9), leaving the positive and 2M - 2 negatives.
       positive_index: [2N] int32, the column of each anchor's other view.
     """
-    z1 = tf.math.l2_normalize(tf.cast(z1, tf.float32), axis=-1)
-    z2 = tf.math.l2_normalize(tf.cast(z2, tf.float32), axis=-1)
-    global_z1, offset = _gather_across_replicas(z1)
-    global_z2, _ = _gather_across_replicas(z2)
-    local_size = tf.shape(z1)[0]
-    global_size = tf.shape(global_z1)[0]
+    anchors, candidates, self_positions, positive_index = _anchors_and_candidates(z1, z2, temperature)
+    return _masked_logits(anchors, candidates, self_positions), positive_index
 
-    # 1/tau scales the (2N, D) anchors rather than the (2N, 2M) product: the matmul writes the only
-    # 2N x 2M matrix, and masking overwrites 2N of its entries instead of building a one-hot mask.
-    anchors = tf.concat([z1, z2], axis=0) * (1.0 / temperature)  # (2N, D)
-    candidates = tf.concat([global_z1, global_z2], axis=0)  # (2M, D)
-    logits = tf.matmul(anchors, candidates, transpose_b=True)  # (2N, 2M)
 
-    local_rows = offset + tf.range(local_size)  # where this replica's z1 rows sit among the M
-    self_index = tf.concat([local_rows, local_rows + global_size], axis=0)
-    positive_index = tf.concat([local_rows + global_size, local_rows], axis=0)
-    self_positions = tf.stack([tf.range(2 * local_size), self_index], axis=1)  # (2N, 2): (row, column)
-    logits = tf.tensor_scatter_nd_update(
-        logits, self_positions, tf.fill([2 * local_size], tf.constant(-_SELF_SIMILARITY_PENALTY, logits.dtype))
-    )
-    return logits, positive_index
+def _cross_entropy_over_candidates(anchors, candidates, self_positions, positive_index):
+    """Per-anchor cross-entropy and correctness of softmax over the masked similarity matrix.
+
+    The same values as `sparse_softmax_cross_entropy_with_logits(positive_index, contrastive_logits)`,
+    with a hand-written gradient so that one step holds at most two [2N, 2M] matrices: the fused
+    cross-entropy kernel returns (softmax - one_hot(positive)) alongside the loss, and the gradient
+    is two matrix products with it. TensorFlow's own chain would add a rescaled copy of that matrix
+    (the upstream per-anchor weights) and the scatter's gradient (another copy with the self entries
+    zeroed; they are exactly zero already, since exp(-1e9) underflows to 0).
+
+    Returns:
+      per_anchor: [2N] float32 losses.
+      correct: [2N] float32, 1 where the positive scores highest (no gradient).
+    """
+
+    @tf.custom_gradient
+    def forward(anchors, candidates):
+        logits = _masked_logits(anchors, candidates, self_positions)
+        per_anchor, softmax_minus_target = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+            features=logits, labels=positive_index
+        )
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), positive_index), tf.float32)
+
+        def gradient(upstream, unused_upstream_correct=None):
+            # d per_anchor[i] / d logits[i, :] = softmax_minus_target[i, :]. The upstream weights
+            # scale rows of the [2N, D] factors, never the [2N, 2M] matrix.
+            weights = upstream[:, tf.newaxis]
+            d_anchors = tf.matmul(softmax_minus_target, candidates) * weights  # (2N, D)
+            d_candidates = tf.matmul(softmax_minus_target, anchors * weights, transpose_a=True)  # (2M, D)
+            return d_anchors, d_candidates
+
+        return (per_anchor, tf.stop_gradient(correct)), gradient
+
+    return forward(anchors, candidates)
 
 
 def nt_xent_with_accuracy(z1, z2, temperature):
@@ -71,10 +123,9 @@ def nt_xent_with_accuracy(z1, z2, temperature):
         l(i, j) = -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ).
       accuracy: scalar, the fraction of anchors whose positive scores highest among all candidates.
     """
-    logits, positive_index = contrastive_logits(z1, z2, temperature)
-    per_anchor = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positive_index, logits=logits)
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), positive_index)
-    return tf.reduce_mean(per_anchor), tf.reduce_mean(tf.cast(correct, tf.float32))
+    with tf.name_scope("nt_xent"):
+        per_anchor, correct = _cross_entropy_over_candidates(*_anchors_and_candidates(z1, z2, temperature))
+        return tf.reduce_mean(per_anchor), tf.reduce_mean(correct)
 
 
 def nt_xent(z1, z2, temperature):

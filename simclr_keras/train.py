@@ -78,6 +78,9 @@ flags.DEFINE_bool("global_bn", None, "Synchronized BatchNorm across replicas; de
 flags.DEFINE_string("model_dir", None, "Directory for checkpoints and logs; an existing run there is resumed.")
 flags.DEFINE_integer("checkpoint_every_n_steps", 500, "Checkpoint interval in steps (a checkpoint is also written at the end).")
 flags.DEFINE_integer("eval_batch_size", 500, "Batch size of the probe evaluation.")
+flags.DEFINE_list(
+    "profile_steps", [], "FIRST,LAST: record a TensorFlow profile of these global steps into MODEL_DIR/tensorboard."
+)
 flags.DEFINE_string("export_dir", None, "If set, export the encoder for TF Serving to EXPORT_DIR/<next version> after training.")
 
 flags.mark_flag_as_required("model_dir")
@@ -145,6 +148,13 @@ def _validate():
         fail(f"--cpu_replicas must be 0 (off) or >= 2, got {FLAGS.cpu_replicas}.")
     if FLAGS.cpu_replicas and FLAGS.strategy not in ("mirrored", "multi_worker"):
         fail(f"--cpu_replicas={FLAGS.cpu_replicas} needs --strategy=mirrored or multi_worker, got --strategy={FLAGS.strategy}.")
+    if FLAGS.profile_steps and not (
+        len(FLAGS.profile_steps) == 2
+        and all(step.isdigit() for step in FLAGS.profile_steps)
+        and 1 <= int(FLAGS.profile_steps[0]) <= int(FLAGS.profile_steps[1])
+    ):
+        given = ",".join(FLAGS.profile_steps)
+        fail(f"--profile_steps takes FIRST,LAST global steps with 1 <= FIRST <= LAST, e.g. 5,8; got {given!r}.")
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         fail("--strategy=multi_worker needs the TF_CONFIG environment variable (see README, Scaling out).")
 
@@ -304,7 +314,12 @@ def run_training():
                 stop_on_signal,
                 callbacks.CheckpointEveryNSteps(manager, FLAGS.checkpoint_every_n_steps, non_finite),
                 callbacks.StopAtStep(total_steps),
-            ],
+            ]
+            + (
+                [callbacks.ProfileSteps(os.path.join(output_dir, "tensorboard"), *map(int, FLAGS.profile_steps))]
+                if FLAGS.profile_steps
+                else []
+            ),
             shuffle=False,  # the stream is already shuffled; Keras would only warn
             verbose="auto" if chief else 0,
         )

@@ -91,6 +91,46 @@ def test_gradient_matches_finite_differences():
     np.testing.assert_allclose(analytic, numeric, atol=2e-4)
 
 
+def textbook_per_anchor_nt_xent(z1, z2, temperature):
+    """NT-Xent per anchor as usually written (one-hot self mask, TensorFlow's own gradients)."""
+    z = tf.math.l2_normalize(tf.concat([z1, z2], axis=0), axis=-1)
+    n = tf.shape(z1)[0]
+    logits = tf.matmul(z, z, transpose_b=True) / temperature - 1e9 * tf.eye(2 * n)
+    labels = tf.concat([tf.range(n, 2 * n), tf.range(n)], axis=0)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_hand_written_gradient_matches_autodiff_of_the_textbook_loss(compiled):
+    # The package's gradient is written by hand (to hold fewer 2N x 2N matrices); it must equal what
+    # TensorFlow derives from the plain formula, for both views, for any per-anchor weighting.
+    rng = np.random.default_rng(5)
+    z1 = tf.constant(rng.normal(size=(32, 16)), tf.float32)
+    z2 = tf.constant(rng.normal(size=(32, 16)), tf.float32)
+    weights = tf.constant(rng.uniform(0.1, 2.0, size=64), tf.float32)
+
+    def both(z1, z2):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([z1, z2])
+            ours = losses._cross_entropy_over_candidates(*losses._anchors_and_candidates(z1, z2, 0.1))[0]
+            textbook = textbook_per_anchor_nt_xent(z1, z2, 0.1)
+            ours_weighted, textbook_weighted = tf.reduce_sum(weights * ours), tf.reduce_sum(weights * textbook)
+            ours_mean = 3.0 * losses.nt_xent(z1, z2, 0.1)
+            textbook_mean = 3.0 * tf.reduce_mean(textbook)
+        return (
+            tape.gradient(ours_weighted, [z1, z2]),
+            tape.gradient(textbook_weighted, [z1, z2]),
+            tape.gradient(ours_mean, [z1, z2]),
+            tape.gradient(textbook_mean, [z1, z2]),
+        )
+
+    run = tf.function(both) if compiled else both
+    ours_weighted, textbook_weighted, ours_mean, textbook_mean = run(z1, z2)
+    for got, want in zip(ours_weighted + ours_mean, textbook_weighted + textbook_mean):
+        assert float(tf.reduce_max(tf.abs(want))) > 1e-2  # the gradient is not trivially zero
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_is_symmetric_in_the_two_views_and_invariant_to_batch_order():
     rng = np.random.default_rng(3)
     z1 = rng.normal(size=(6, 4)).astype(np.float32)

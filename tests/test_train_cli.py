@@ -1,5 +1,6 @@
 """`python -m simclr_keras.train` end to end on 500 real CIFAR-10 images: outputs, resuming, errors."""
 
+import glob
 import json
 import math
 import os
@@ -31,9 +32,29 @@ def read_log(model_dir):
 @pytest.fixture(scope="module")
 def three_step_run(cifar10_500, tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("run"))
-    result = train(f"--dataset=folder:{cifar10_500}", f"--model_dir={model_dir}", "--train_steps=3", *TINY_RUN)
+    result = train(
+        f"--dataset=folder:{cifar10_500}", f"--model_dir={model_dir}", "--train_steps=3", "--profile_steps=2,2",
+        *TINY_RUN,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return cifar10_500, model_dir, result
+
+
+def test_profile_steps_records_the_training_step_ops(three_step_run):
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    _, model_dir, _ = three_step_run
+    traces = glob.glob(os.path.join(model_dir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1, traces
+    space = xplane_pb2.XSpace()
+    with open(traces[0], "rb") as file:
+        space.ParseFromString(file.read())
+    op_names = {
+        metadata.name for plane in space.planes for metadata in plane.event_metadata.values() if ":" in metadata.name
+    }
+    # One training step: the encoder's convolutions, forward and their kernel gradients.
+    assert any("encoder" in name and "Conv2D" in name for name in op_names)
+    assert any("Conv2DBackpropFilter" in name or "gradient_tape" in name for name in op_names)
 
 
 def test_writes_a_step_log_checkpoints_flags_and_the_probe_result(three_step_run):
@@ -107,6 +128,8 @@ def test_rerunning_resumes_and_flags_txt_is_a_flagfile(three_step_run):
         ("--dataset=folder:/no/such/folder", "error: --dataset=folder:/no/such/folder: no train/ folder"),
         ("--batch_size=1024", "error: --batch_size=1024 exceeds the 500 training images"),
         ("--backbone=resnet9", "--backbone"),
+        ("--profile_steps=5", "error: --profile_steps takes FIRST,LAST global steps"),
+        ("--profile_steps=4,2", "error: --profile_steps takes FIRST,LAST global steps"),
     ],
 )
 def test_bad_flags_end_in_one_line_without_traceback(cifar10_500, tmp_path, flag, message):

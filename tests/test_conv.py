@@ -1,0 +1,90 @@
+"""MatmulGradientConv2D against Keras' own Conv2D: same outputs, same gradients (TensorFlow's autodiff)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_keras.conv import MatmulGradientConv2D
+
+
+def outputs_and_gradients_tensors(layer, images):
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        outputs = layer(images)
+        loss = tf.reduce_sum(tf.cast(outputs, tf.float32) * tf.cos(tf.cast(outputs, tf.float32)))  # a non-linear loss
+    input_gradient, kernel_gradient = tape.gradient(loss, [images, layer.kernel])
+    return [tf.cast(tensor, tf.float32) for tensor in (outputs, input_gradient, kernel_gradient)]
+
+
+def outputs_and_gradients(layer, images):
+    return [tensor.numpy() for tensor in outputs_and_gradients_tensors(layer, images)]
+
+
+def twin_layers(images, **conv_arguments):
+    keras_layer = keras.layers.Conv2D(use_bias=False, **conv_arguments)
+    ours = MatmulGradientConv2D(use_bias=False, kernel_gradient="matmul", **conv_arguments)
+    keras_layer.build(images.shape)
+    ours.build(images.shape)
+    ours.set_weights(keras_layer.get_weights())
+    return keras_layer, ours
+
+
+@pytest.mark.parametrize(
+    "size,filters,kernel_size,strides,padding",
+    [
+        (4, 16, 3, 1, "same"),  # ResNet-18's last group on 32x32 images
+        (10, 16, 3, 2, "valid"),  # the strided conv into it (after explicit padding)
+        (9, 6, 3, 2, "valid"),  # odd size: the last row and column are never read
+        (5, 6, 1, 1, "same"),
+        (6, 5, 5, 1, "same"),
+        (7, 4, (3, 1), (2, 1), "valid"),
+    ],
+)
+def test_matches_keras_conv2d_and_its_gradients(size, filters, kernel_size, strides, padding):
+    images = tf.constant(np.random.default_rng(size).normal(size=(3, size, size, 8)), tf.float32)
+    keras_layer, ours = twin_layers(images, filters=filters, kernel_size=kernel_size, strides=strides, padding=padding)
+    expected = outputs_and_gradients(keras_layer, images)
+    got = outputs_and_gradients(ours, images)
+    for name, want, have in zip(("outputs", "input gradient", "kernel gradient"), expected, got):
+        assert np.abs(want).max() > 1e-2, name
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name)
+
+
+def test_matches_inside_a_compiled_function_with_an_unknown_batch_size():
+    images = tf.constant(np.random.default_rng(0).normal(size=(5, 4, 4, 8)), tf.float32)
+    keras_layer, ours = twin_layers(images, filters=12, kernel_size=3, padding="same")
+    signature = [tf.TensorSpec([None, 4, 4, 8], tf.float32)]
+    expected = tf.function(lambda x: outputs_and_gradients_tensors(keras_layer, x), input_signature=signature)
+    got = tf.function(lambda x: outputs_and_gradients_tensors(ours, x), input_signature=signature)
+    for want, have in zip(expected(images), got(images)):
+        want, have = want.numpy(), have.numpy()
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_mixed_bfloat16_auto_gradient_matches_keras_to_bfloat16_precision():
+    # Under mixed_bfloat16 on a CPU "auto" takes the matmul path on a 4x4 map: the result must still
+    # be Keras' gradient, up to bfloat16 rounding (8 bits of mantissa).
+    images = tf.constant(np.random.default_rng(1).normal(size=(16, 4, 4, 32)), tf.float32)
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras_layer = keras.layers.Conv2D(32, 3, padding="same", use_bias=False)
+        ours = MatmulGradientConv2D(32, 3, padding="same", use_bias=False)
+        keras_layer.build(images.shape)
+        ours.build(images.shape)
+        ours.set_weights(keras_layer.get_weights())
+        expected = outputs_and_gradients(keras_layer, tf.cast(images, tf.bfloat16))
+        got = outputs_and_gradients(ours, tf.cast(images, tf.bfloat16))
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+    for want, have in zip(expected, got):
+        np.testing.assert_allclose(have, want, atol=2e-2 * np.abs(want).max())
+
+
+def test_config_round_trip_and_a_bad_choice():
+    layer = MatmulGradientConv2D(4, 3, padding="same", kernel_gradient="native", name="c")
+    restored = MatmulGradientConv2D.from_config(layer.get_config())
+    assert restored.kernel_gradient == "native" and restored.filters == 4 and restored.padding == "same"
+    with pytest.raises(ValueError, match="kernel_gradient"):
+        MatmulGradientConv2D(4, 3, kernel_gradient="fast")

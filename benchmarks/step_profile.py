@@ -13,10 +13,10 @@ import collections
 import glob
 import os
 import subprocess
-import sys
 import tempfile
 
 from absl import app, flags
+from benchmark_command import training_command
 
 flags.DEFINE_string("data_dir", "../shared/datasets/cifar10", "Image folder with train/<class>/*.jpg.")
 flags.DEFINE_enum("precision", "mixed_bfloat16", ["float32", "mixed_bfloat16"], "Precision of the run.")
@@ -65,14 +65,10 @@ def main(argv):
     del argv
     first, last = (int(step) for step in FLAGS.profile_steps)
     with tempfile.TemporaryDirectory(prefix="step_profile_") as model_dir:
-        command = [
-            sys.executable, "-m", "simclr_keras.train", f"--dataset=folder:{FLAGS.data_dir}",
-            f"--max_train_examples={FLAGS.batch_size * (last + 2)}", "--image_size=32", "--backbone=resnet18",
-            "--proj_layers=2", "--proj_dim=128", f"--batch_size={FLAGS.batch_size}", f"--train_steps={last + 1}",
-            "--optimizer=sgd", "--learning_rate=0.1", "--warmup_epochs=0", f"--precision={FLAGS.precision}",
-            "--eval_split=", f"--checkpoint_every_n_steps={10**9}", f"--profile_steps={first},{last}",
-            f"--model_dir={model_dir}", *FLAGS.train_flags,
-        ]  # fmt: skip
+        command = training_command(
+            FLAGS.data_dir, FLAGS.batch_size, last + 1, FLAGS.precision, model_dir,
+            extra_flags=[f"--profile_steps={first},{last}", *FLAGS.train_flags],
+        )
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if result.returncode:
             raise SystemExit(f"error: simclr_keras.train failed:\n{result.stderr[-3000:]}")

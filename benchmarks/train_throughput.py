@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from absl import app, flags
+from benchmark_command import training_command
 
 flags.DEFINE_string("data_dir", "../shared/datasets/cifar10", "Image folder with train/<class>/*.jpg (ours only).")
 flags.DEFINE_enum("precision", "mixed_bfloat16", ["float32", "mixed_bfloat16"], "Precision of both sides.")
@@ -57,16 +58,10 @@ def _median_rate(step_seconds, images_per_step):
 def run_ours():
     """images/s of the training command line, from the per-step times of its log."""
     with tempfile.TemporaryDirectory(prefix="bench_ours_") as model_dir:
-        command = [
-            sys.executable, "-m", "simclr_keras.train",
-            f"--dataset=folder:{FLAGS.data_dir}",
-            f"--max_train_examples={FLAGS.batch_size * (FLAGS.steps + 2)}",
-            "--image_size=32", "--backbone=resnet18", f"--width_multiplier={FLAGS.width_multiplier}",
-            "--proj_layers=2", "--proj_dim=128", f"--batch_size={FLAGS.batch_size}",
-            f"--train_steps={FLAGS.steps}", "--optimizer=sgd", "--learning_rate=0.1", "--warmup_epochs=0",
-            f"--precision={FLAGS.precision}", "--eval_split=", f"--checkpoint_every_n_steps={10**9}",
-            f"--model_dir={model_dir}", *FLAGS.ours_flags,
-        ]  # fmt: skip
+        command = training_command(
+            FLAGS.data_dir, FLAGS.batch_size, FLAGS.steps, FLAGS.precision, model_dir,
+            FLAGS.width_multiplier, FLAGS.ours_flags,
+        )  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise SystemExit(f"error: simclr_keras.train failed:\n{result.stderr[-3000:]}")

@@ -76,8 +76,20 @@ def make_strategy(name="default", tpu_address=None, cpu_replicas=0):
     return tf.distribute.MirroredStrategy(devices)
 
 
-def cpu_has_bfloat16(cpuinfo_path="/proc/cpuinfo"):
-    """Whether this CPU computes in bfloat16 natively (AVX512_BF16 or AMX); False where it cannot tell."""
+def _onednn_allows_bfloat16(environ):
+    """False where oneDNN is off or capped below its native bfloat16 kernels (ONEDNN_MAX_CPU_ISA):
+    bfloat16 is then computed by emulation, several times slower than float32."""
+    if environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        return False
+    cap = environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return cap in ("ALL", "DEFAULT", "") or any(name in cap for name in ("BF16", "FP16", "AMX", "AVX10"))
+
+
+def cpu_has_bfloat16(cpuinfo_path="/proc/cpuinfo", environ=os.environ):
+    """Whether this CPU computes in bfloat16 natively (AVX512_BF16 or AMX) and oneDNN may use it;
+    False where it cannot tell."""
+    if not _onednn_allows_bfloat16(environ):
+        return False
     try:
         with open(cpuinfo_path, encoding="utf-8") as file:
             for line in file:

@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -49,3 +51,49 @@ def read_png(path):
     assert image.ndim == 3 and image.shape[2] in (3, 4), image.shape
     assert image[..., :3].std() > 0, f"{path} is blank"
     return image
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; `pytest -m 'not slow'` leaves it out")
+    config.addinivalue_line("markers", "bfloat16: runs bfloat16 kernels (see conftest.bfloat16_kernels_emulated)")
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            return next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def bfloat16_kernels_emulated():
+    """True when ONEDNN_MAX_CPU_ISA caps oneDNN below AVX-512 on a CPU that has it.
+
+    TensorFlow decides whether bfloat16 ops go to oneDNN from the CPU itself (AVX512F), not from that
+    cap, so there they reach a oneDNN that has no bfloat16 kernel left and fail ("could not create a
+    primitive descriptor"). A real CPU without AVX-512 runs them with TensorFlow's own (Eigen) kernels
+    instead, which is what TF_ENABLE_ONEDNN_OPTS=0 selects: the bfloat16 tests run that way there.
+    """
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return (
+        bool(isa)
+        and "AVX512" not in isa
+        and isa not in ("ALL", "DEFAULT")
+        and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+        and "avx512f" in _cpu_flags()
+    )
+
+
+def _run_in_subprocess_without_onednn(item):
+    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", item.nodeid]
+    result = subprocess.run(command, cwd=item.config.rootpath, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, f"{item.nodeid} with TF_ENABLE_ONEDNN_OPTS=0:\n{result.stdout[-4000:]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not bfloat16_kernels_emulated():
+        return
+    for item in items:
+        if item.get_closest_marker("bfloat16"):
+            item.runtest = lambda item=item: _run_in_subprocess_without_onednn(item)

@@ -155,6 +155,7 @@ def test_synchronized_batch_norm_and_zero_gamma_options():
     assert tuple(model(images, training=True).shape) == (2, 512)
 
 
+@pytest.mark.bfloat16
 def test_mixed_precision_output_is_float32():
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from precision import assert_within_rounding, round_to
 from simclr_keras.conv import MatmulGradientConv2D
 
 
@@ -62,24 +63,71 @@ def test_matches_inside_a_compiled_function_with_an_unknown_batch_size():
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_mixed_bfloat16_auto_gradient_matches_keras_to_bfloat16_precision():
-    # Under mixed_bfloat16 on a CPU "auto" takes the matmul path on a 4x4 map: the result must still
-    # be Keras' gradient, up to bfloat16 rounding (8 bits of mantissa).
-    images = tf.constant(np.random.default_rng(1).normal(size=(16, 4, 4, 32)), tf.float32)
+def exact_convolution_and_gradients(images, kernel, output_gradient):
+    """Forward pass, input gradient and kernel gradient of a 'same' stride-1 convolution, in float64,
+    and the same three products of the operands' absolute values (the scale rounding errors are
+    bounded by; tests/precision.py)."""
+
+    def products(x, w, g):
+        x, w, g = (tf.constant(a, tf.float64) for a in (x, w, g))
+        outputs = tf.nn.conv2d(x, w, 1, "SAME")
+        input_gradient = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=x.shape, filter=w, out_backprop=g, strides=[1, 1, 1, 1], padding="SAME"
+        )
+        kernel_gradient = tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=w.shape, out_backprop=g, strides=[1, 1, 1, 1], padding="SAME"
+        )
+        return [tensor.numpy() for tensor in (outputs, input_gradient, kernel_gradient)]
+
+    return products(images, kernel, output_gradient), products(*map(np.abs, (images, kernel, output_gradient)))
+
+
+def bfloat16_outputs_and_gradients(layer, images, output_gradient):
+    """Output, input gradient and kernel gradient of `layer` under mixed_bfloat16 for the linear loss
+    sum(outputs * output_gradient), whose gradient with respect to the outputs is output_gradient itself."""
+    images = tf.constant(images, tf.bfloat16)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        outputs = layer(images)
+        loss = tf.reduce_sum(tf.cast(outputs, tf.float64) * output_gradient)
+    input_gradient, kernel_gradient = tape.gradient(loss, [images, layer.kernel])
+    return [tf.cast(tensor, tf.float64).numpy() for tensor in (outputs, input_gradient, kernel_gradient)]
+
+
+@pytest.mark.bfloat16
+def test_mixed_bfloat16_auto_gradient_is_exact_to_bfloat16_rounding():
+    # Under mixed_bfloat16 on a CPU "auto" takes the matmul path on a 4x4 map. Both it and Keras' Conv2D
+    # are held to the float64 answer computed from the same bfloat16-rounded inputs, weights and
+    # output gradient, within what bfloat16 arithmetic allows for each product's reduction length.
+    rng = np.random.default_rng(1)
+    batch, size, channels, filters, kernel_size = 16, 4, 32, 32, 3
+    images = round_to(rng.normal(size=(batch, size, size, channels)), "bfloat16")
+    output_gradient = round_to(rng.normal(size=(batch, size, size, filters)), "bfloat16")
+    kernel = round_to(rng.normal(size=(kernel_size, kernel_size, channels, filters)) / 10, "bfloat16")
+    exact, magnitude = exact_convolution_and_gradients(images, kernel, output_gradient)
+    reduction_lengths = {
+        "outputs": kernel_size**2 * channels,
+        "input gradient": kernel_size**2 * filters,
+        "kernel gradient": batch * size * size,
+    }
     policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
-        keras_layer = keras.layers.Conv2D(32, 3, padding="same", use_bias=False)
-        ours = MatmulGradientConv2D(32, 3, padding="same", use_bias=False)
-        keras_layer.build(images.shape)
-        ours.build(images.shape)
-        ours.set_weights(keras_layer.get_weights())
-        expected = outputs_and_gradients(keras_layer, tf.cast(images, tf.bfloat16))
-        got = outputs_and_gradients(ours, tf.cast(images, tf.bfloat16))
+        keras_layer = keras.layers.Conv2D(filters, kernel_size, padding="same", use_bias=False)
+        ours = MatmulGradientConv2D(filters, kernel_size, padding="same", use_bias=False)
+        for layer in (keras_layer, ours):
+            layer.build(images.shape)
+            layer.set_weights([kernel.astype(np.float32)])  # bfloat16-representable: the cast is exact
+        assert ours._takes_matmul_path(tf.constant(images, tf.bfloat16))
+        results = {
+            "keras": bfloat16_outputs_and_gradients(keras_layer, images, output_gradient),
+            "ours": bfloat16_outputs_and_gradients(ours, images, output_gradient),
+        }
     finally:
         keras.mixed_precision.set_dtype_policy(policy)
-    for want, have in zip(expected, got):
-        np.testing.assert_allclose(have, want, atol=2e-2 * np.abs(want).max())
+    for implementation, computed in results.items():
+        for (name, length), want, have, scale in zip(reduction_lengths.items(), exact, computed, magnitude):
+            assert_within_rounding(have, want, scale, length, "bfloat16", f"{implementation} {name}")
 
 
 def test_config_round_trip_and_a_bad_choice():

@@ -191,9 +191,17 @@ def test_precision_auto_follows_the_hardware(tmp_path, monkeypatch):
     plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
     amx = tmp_path / "amx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
-    assert not distribute.cpu_has_bfloat16(str(plain))
-    assert distribute.cpu_has_bfloat16(str(amx))
-    assert not distribute.cpu_has_bfloat16(str(tmp_path / "missing"))
+    assert not distribute.cpu_has_bfloat16(str(plain), environ={})
+    assert distribute.cpu_has_bfloat16(str(amx), environ={})
+    assert not distribute.cpu_has_bfloat16(str(tmp_path / "missing"), environ={})
+    # An AVX2-only CPU, or oneDNN capped below its bfloat16 kernels: bfloat16 would be emulated, slowly.
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert not distribute.cpu_has_bfloat16(str(avx2), environ={})
+    for cap in ("AVX2", "avx512_core_vnni"):
+        assert not distribute.cpu_has_bfloat16(str(amx), environ={"ONEDNN_MAX_CPU_ISA": cap})
+    assert not distribute.cpu_has_bfloat16(str(amx), environ={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert distribute.cpu_has_bfloat16(str(amx), environ={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
 
     strategy = tf.distribute.get_strategy()  # no GPU and no TPU here
     monkeypatch.setattr(distribute, "cpu_has_bfloat16", lambda: True)

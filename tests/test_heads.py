@@ -143,6 +143,7 @@ def test_saved_model_round_trip(tmp_path):
     )
 
 
+@pytest.mark.bfloat16
 def test_mixed_precision_output_is_float32():
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

@@ -137,7 +137,7 @@ def test_bad_arguments_name_the_value():
         SimCLR(tiny_encoder(), ProjectionHead(), SimCLRAugmentation(IMAGE_SIZE), freeze_encoder=True)
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("policy", [pytest.param("mixed_bfloat16", marks=pytest.mark.bfloat16), "mixed_float16"])
 def test_mixed_precision_trains_with_float32_loss_and_weights(policy):
     keras.mixed_precision.set_dtype_policy(policy)
     try:

@@ -38,17 +38,19 @@ def exact_training_step(x, gamma, beta, output_gradient, epsilon=1e-5):
     mean, variance = x.mean(axis=axes), x.var(axis=axes)
     inverse_std = 1.0 / np.sqrt(variance + epsilon)
     normalised = (x - mean) * inverse_std
+    # x - mean is computed from rounded operands: its error scales with |x| + |mean|, not |x - mean|.
+    normalised_magnitude = (np.abs(x) + np.abs(mean)) * inverse_std
     dy = output_gradient
     input_gradient = gamma * inverse_std * (
         dy - dy.mean(axis=axes) - normalised * (dy * normalised).mean(axis=axes)
     )
     input_magnitude = np.abs(gamma) * inverse_std * (
-        np.abs(dy) + np.abs(dy).mean(axis=axes) + np.abs(normalised) * np.abs(dy * normalised).mean(axis=axes)
+        np.abs(dy) + np.abs(dy).mean(axis=axes) + normalised_magnitude * (np.abs(dy) * normalised_magnitude).mean(axis=axes)
     )
     return {
-        "outputs": (gamma * normalised + beta, np.abs(gamma * normalised) + np.abs(beta)),
+        "outputs": (gamma * normalised + beta, np.abs(gamma) * normalised_magnitude + np.abs(beta)),
         "input gradient": (input_gradient, input_magnitude),
-        "gamma gradient": ((dy * normalised).sum(axis=axes), np.abs(dy * normalised).sum(axis=axes)),
+        "gamma gradient": ((dy * normalised).sum(axis=axes), (np.abs(dy) * normalised_magnitude).sum(axis=axes)),
         "beta gradient": (dy.sum(axis=axes), np.abs(dy).sum(axis=axes)),
     }
 
@@ -96,3 +98,51 @@ def test_inference_and_unsupported_inputs_use_keras_computation():
     reference, fused = _pair(images.shape)
     np.testing.assert_allclose(fused(images, training=False), reference(images, training=False), atol=1e-6)
     assert keras.layers.deserialize(keras.layers.serialize(fused)).__class__ is FusedBatchNormalization
+
+
+@pytest.mark.parametrize("shape", [(12, 3, 3, 4), (12, 5)], ids=["images", "features"])
+def test_batch_norm_groups_normalise_each_block_with_its_own_statistics(shape):
+    from simclr_keras.batch_norm import batch_norm_groups
+
+    rng = np.random.default_rng(5)
+    # Blocks with very different means and scales, so that whole-batch statistics would be far off.
+    values = rng.normal(size=shape) * np.repeat([1.0, 4.0, 0.5], 4).reshape((-1,) + (1,) * (len(shape) - 1))
+    values = (values + np.repeat([0.0, 10.0, -3.0], 4).reshape((-1,) + (1,) * (len(shape) - 1))).astype(np.float32)
+    layer = FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
+    layer.build(shape)
+    gamma = rng.uniform(0.5, 1.5, size=shape[-1]).astype(np.float32)
+    beta = rng.normal(size=shape[-1]).astype(np.float32)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    with batch_norm_groups([layer], 3):
+        outputs = layer(tf.constant(values), training=True).numpy()
+    # By hand, block by block, in float64.
+    blocks = values.astype(np.float64).reshape((3, 4) + shape[1:])
+    axes = tuple(range(1, len(shape)))  # the block's examples (and pixels), per channel
+    means, variances = blocks.mean(axis=axes, keepdims=True), blocks.var(axis=axes, keepdims=True)
+    expected = ((blocks - means) / np.sqrt(variances + 1e-5) * gamma + beta).reshape(shape)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
+    # The moving statistics move once, towards the mean over the blocks of their statistics.
+    channel_means = means.reshape(3, -1).mean(axis=0)
+    channel_variances = variances.reshape(3, -1).mean(axis=0)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * channel_means, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.9 + 0.1 * channel_variances, rtol=1e-4)
+    # Outside the block, and in inference mode, the layer is Keras' BatchNormalization again.
+    assert layer.batch_groups == 1
+    with batch_norm_groups([layer], 3):
+        inference = layer(tf.constant(values), training=False).numpy()
+    moving = ((values - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + 1e-5)) * gamma + beta
+    np.testing.assert_allclose(inference, moving, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_groups_reject_a_batch_that_does_not_split():
+    from simclr_keras.batch_norm import batch_norm_groups
+
+    layer = FusedBatchNormalization()
+    layer.build((10, 4))
+    with pytest.raises(ValueError, match="batch_groups=3"):
+        with batch_norm_groups([layer], 3):
+            layer(tf.zeros((10, 4)), training=True)
+    with pytest.raises(ValueError, match="groups=0"):
+        with batch_norm_groups([layer], 0):
+            pass

@@ -13,6 +13,7 @@ from simclr_keras.export import export_encoder, load_encoder
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.moco import MoCo, build_moco
 from simclr_keras.models.simclr import SimCLR, build_simclr
+from simclr_keras.official import from_official_simclr
 from simclr_keras.optimizers import LARS, WarmupCosineDecay, build_optimizer, scale_learning_rate
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "build_simclr",
     "data",
     "export_encoder",
+    "from_official_simclr",
     "load_encoder",
     "losses",
     "resnet",

@@ -5,8 +5,10 @@ Contrastive Learning of Visual Representations", ICML 2020 (arXiv:2002.05709),
 Section 3 and Appendix A, with the choices of the official google-research/simclr code
 (`data_util.py`, "simclrv2" colour jitter):
 
-1. random resized crop (area fraction in [0.08, 1], aspect ratio in [3/4, 4/3]) resized
-   back to the output size with bicubic interpolation;
+1. random crop (area fraction in [0.08, 1], aspect ratio in [3/4, 4/3]) from the
+   distribution of `tf.image.sample_distorted_bounding_box` as the official code calls it
+   (or torchvision's `RandomResizedCrop`), resized to the output size with bicubic
+   interpolation;
 2. horizontal flip with probability 0.5;
 3. colour distortion of strength s with probability 0.8: brightness, contrast, saturation
    (factors in [max(0, 1 - 0.8 s), 1 + 0.8 s]) and hue (shift in [-0.2 s, 0.2 s]) in a
@@ -35,7 +37,10 @@ import tensorflow as tf
 __all__ = [
     "SimCLRAugmentation",
     "stateless_uniform",
+    "CROP_SAMPLERS",
     "sample_crop_boxes",
+    "sample_tensorflow_crop_boxes",
+    "sample_torchvision_crop_boxes",
     "center_crop_box",
     "cubic_resize_weights",
     "separable_resample",
@@ -135,7 +140,114 @@ def _bernoulli(seed, batch_size, probability):
 # --------------------------------------------------------------------------------------
 
 
-def sample_crop_boxes(
+CROP_SAMPLERS = ("tensorflow", "torchvision")
+# The official evaluation centre crop keeps this fraction of the image side above 32 px.
+OFFICIAL_CROP_PROPORTION = 0.875
+# Keys of a padded batch of images of different sizes (see SimCLRAugmentation).
+PADDED_IMAGES = "images"
+IMAGE_SHAPES = "image_shapes"
+
+
+def _per_image_sides(batch_size, image_height, image_width):
+    """Image heights and widths as int32 [B, 1] and float32 [B, 1], from scalars or [B] tensors."""
+    heights = tf.broadcast_to(tf.reshape(tf.cast(image_height, tf.int32), [-1]), [batch_size])[:, None]
+    widths = tf.broadcast_to(tf.reshape(tf.cast(image_width, tf.int32), [-1]), [batch_size])[:, None]
+    return heights, widths, tf.cast(heights, tf.float32), tf.cast(widths, tf.float32)
+
+
+def _uniform_integer(seed, shape, count):
+    """Uniform integers in [0, count) for float or int `count` >= 1 (broadcast to `shape`)."""
+    count = tf.cast(count, tf.float32)
+    draws = tf.floor(stateless_uniform(seed, shape) * count)
+    return tf.minimum(draws, count - 1.0)  # guards float rounding of u * count
+
+
+def sample_tensorflow_crop_boxes(
+    seed,
+    batch_size,
+    image_height,
+    image_width,
+    area_range=(0.08, 1.0),
+    aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+    min_object_covered=0.1,
+    attempts=100,
+):
+    """One crop box per image from the distribution of `tf.image.sample_distorted_bounding_box`.
+
+    The official SimCLR code draws its crops with that op (whole image as the only bounding box,
+    `min_object_covered=0.1`, 100 attempts); this is the op's kernel (`GenerateRandomCrop`),
+    vectorised over [B, attempts] candidates so that it compiles with XLA. A candidate draws an
+    aspect ratio r (width / height) uniformly in `aspect_ratio_range` (a linear scale) and then
+    its height uniformly among the integers whose box h x round(r h) has an area in `area_range`
+    of the image and fits, with the kernel's one-pixel corrections for rounding. Because the
+    height, not the area, is uniform, small crops are more frequent than under torchvision's
+    sampler. A candidate must also cover `min_object_covered` of the image (of the whole-image
+    box), so areas below 0.1 are redrawn. The first valid candidate is used, at an offset
+    uniform in [0, H - h - 1] (the kernel's `Uniform(H - h)`; 0 when h = H); with none valid,
+    the whole image.
+
+    Args:
+        seed: integer tensor of shape [2].
+        batch_size: number of boxes B (int or scalar tensor).
+        image_height, image_width: image size in pixels, scalars or int [B] (one per image).
+
+    Returns:
+        (tops, lefts, heights, widths), each int32 [B].
+    """
+    ratio_seed, height_seed, top_seed, left_seed = _split_seed(seed, 4)
+    image_heights, image_widths, height, width = _per_image_sides(batch_size, image_height, image_width)
+    shape = [batch_size, attempts]
+
+    # [B, attempts] candidates; float32 and round-half-to-even as the kernel's floats and lrintf.
+    ratio = stateless_uniform(ratio_seed, shape, *aspect_ratio_range)
+    min_area = area_range[0] * width * height  # [B, 1]
+    max_area = area_range[1] * width * height
+    low = tf.math.rint(tf.sqrt(min_area / ratio))
+    high = tf.math.rint(tf.sqrt(max_area / ratio))
+    # The tallest box whose rounded width still fits in the image.
+    widest = tf.floor((width + 0.5 - 1e-7) / ratio)
+    widest = tf.where(tf.math.rint(widest * ratio) > width, widest - 1.0, widest)
+    high = tf.where(tf.math.rint(high * ratio) > width, widest, high)
+    high = tf.minimum(high, height)
+    low = tf.minimum(low, high)
+    heights = low + _uniform_integer(height_seed, shape, tf.maximum(high - low + 1.0, 1.0))
+    widths = tf.math.rint(heights * ratio)
+    # One pixel taller if rounding left the area too small, one shorter if too large.
+    too_small = widths * heights < min_area
+    heights = tf.where(too_small, heights + 1.0, heights)
+    widths = tf.where(too_small, tf.math.rint(heights * ratio), widths)
+    too_large = widths * heights > max_area
+    heights = tf.where(too_large, heights - 1.0, heights)
+    widths = tf.where(too_large, tf.math.rint(heights * ratio), widths)
+    areas = widths * heights
+    valid = (
+        (areas >= min_area)
+        & (areas <= max_area)
+        & (widths <= width)
+        & (heights <= height)
+        & (widths > 0)
+        & (heights > 0)
+        # The overlap constraint with the whole image as the object box.
+        & (areas >= 1.0)
+        & (areas / (width * height) >= min_object_covered)
+    )
+    first_valid = tf.argmax(tf.cast(valid, tf.int32), axis=1, output_type=tf.int32)
+    any_valid = tf.reduce_any(valid, axis=1)
+    heights = tf.cast(tf.gather(heights, first_valid, batch_dims=1), tf.int32)
+    widths = tf.cast(tf.gather(widths, first_valid, batch_dims=1), tf.int32)
+    image_heights, image_widths = image_heights[:, 0], image_widths[:, 0]
+    heights = tf.where(any_valid, heights, image_heights)
+    widths = tf.where(any_valid, widths, image_widths)
+
+    def offset(offset_seed, slack):
+        return tf.cast(_uniform_integer(offset_seed, [batch_size], tf.maximum(slack, 1)), tf.int32)
+
+    tops = tf.where(any_valid, offset(top_seed, image_heights - heights), 0)
+    lefts = tf.where(any_valid, offset(left_seed, image_widths - widths), 0)
+    return tops, lefts, heights, widths
+
+
+def sample_torchvision_crop_boxes(
     seed,
     batch_size,
     image_height,
@@ -144,9 +256,9 @@ def sample_crop_boxes(
     aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
     attempts=10,
 ):
-    """Samples one random-resized-crop box per image (Szegedy et al. 2015; SimCLR App. A).
+    """One crop box per image from torchvision's `RandomResizedCrop` (lightly, solo-learn).
 
-    The torchvision `RandomResizedCrop.get_params` algorithm, vectorised: every image
+    The `RandomResizedCrop.get_params` algorithm, vectorised: every image
     draws `attempts` candidates at once, each with an area fraction uniform in
     `area_range` and a log aspect ratio (width / height) uniform in
     log(`aspect_ratio_range`), sized w = round(sqrt(area * ratio)),
@@ -158,16 +270,13 @@ def sample_crop_boxes(
     Args:
         seed: integer tensor of shape [2].
         batch_size: number of boxes B (int or scalar tensor).
-        image_height, image_width: image size in pixels (ints or scalar tensors).
+        image_height, image_width: image size in pixels, scalars or int [B] (one per image).
 
     Returns:
         (tops, lefts, heights, widths), each int32 [B].
     """
     area_seed, ratio_seed, top_seed, left_seed = _split_seed(seed, 4)
-    height = tf.cast(image_height, tf.float32)
-    width = tf.cast(image_width, tf.float32)
-    image_height = tf.cast(image_height, tf.int32)
-    image_width = tf.cast(image_width, tf.int32)
+    image_height, image_width, height, width = _per_image_sides(batch_size, image_height, image_width)
     shape = [batch_size, attempts]
 
     # [B, attempts] candidate boxes.
@@ -186,7 +295,8 @@ def sample_crop_boxes(
     first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
     any_fit = tf.reduce_any(fits, axis=1)
 
-    # Fallback: clamp the image's aspect ratio into the range and centre the box.
+    # Fallback: clamp the image's aspect ratio into the range and centre the box. [B]
+    image_height, image_width, height, width = image_height[:, 0], image_width[:, 0], height[:, 0], width[:, 0]
     image_ratio = width / height
     min_ratio, max_ratio = aspect_ratio_range
     fallback_width = tf.where(
@@ -204,10 +314,8 @@ def sample_crop_boxes(
     )
 
     def random_offset(offset_seed, slack):
-        # Uniform integer in [0, slack]; the minimum guards float rounding of u * (slack + 1).
-        u = stateless_uniform(offset_seed, [batch_size])
-        offset = tf.cast(tf.floor(u * tf.cast(slack + 1, tf.float32)), tf.int32)
-        return tf.minimum(offset, slack)
+        # Uniform integer in [0, slack].
+        return tf.cast(_uniform_integer(offset_seed, [batch_size], slack + 1), tf.int32)
 
     tops = tf.where(
         any_fit, random_offset(top_seed, image_height - heights), (image_height - heights) // 2
@@ -218,15 +326,41 @@ def sample_crop_boxes(
     return tops, lefts, heights, widths
 
 
+def sample_crop_boxes(
+    seed,
+    batch_size,
+    image_height,
+    image_width,
+    area_range=(0.08, 1.0),
+    aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+    sampler="tensorflow",
+):
+    """One random crop box per image from `sampler`: "tensorflow" (the official SimCLR code's
+    `tf.image.sample_distorted_bounding_box`, `sample_tensorflow_crop_boxes`) or "torchvision"
+    (`RandomResizedCrop`, `sample_torchvision_crop_boxes`); same arguments and returns."""
+    if sampler == "tensorflow":
+        return sample_tensorflow_crop_boxes(
+            seed, batch_size, image_height, image_width, area_range, aspect_ratio_range
+        )
+    if sampler == "torchvision":
+        return sample_torchvision_crop_boxes(
+            seed, batch_size, image_height, image_width, area_range, aspect_ratio_range
+        )
+    raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got crop_sampler={sampler!r}.")
+
+
 def center_crop_box(image_height, image_width, output_height, output_width, crop_fraction=1.0):
     """The deterministic evaluation crop of the official SimCLR code (`center_crop`).
 
     Takes the largest centred box with the output's aspect ratio and scales it by
-    `crop_fraction` (0.875 is the ImageNet convention), rounding to whole pixels. For a
-    square image and square output with crop_fraction=1 this is the whole image.
+    `crop_fraction` (the official `CROP_PROPORTION = 0.875` above 32 px), rounding to whole
+    pixels. For a square image and square output with crop_fraction=1 this is the whole image.
+
+    Args:
+        image_height, image_width: scalars, or int [B] for one box per image.
 
     Returns:
-        (top, left, height, width) as int32 scalars.
+        (top, left, height, width) as int32, scalars or [B] like the image sizes.
     """
     height = tf.cast(image_height, tf.float32)
     width = tf.cast(image_width, tf.float32)
@@ -553,6 +687,11 @@ class SimCLRAugmentation(keras.layers.Layer):
     it with the same bicubic interpolation. The output is always float32 in [0, 1], the
     scale of the official code.
 
+    Images of different sizes enter as a padded batch, the format of `simclr_keras.data` for
+    such datasets: a dict {"images": [B, H, W, 3], each image in the top-left corner,
+    "image_shapes": int [B, 2] (height, width)}. Crops are then drawn from each image's own
+    pixels at its own resolution; the padding is never read.
+
     The whole computation is batched and compiles with XLA (`jit_compile=True`). When a
     `seed` tensor is passed to `call`, only stateless random ops are used, so the output
     is a deterministic function of (images, seed) — use this inside `tf.data` pipelines
@@ -562,7 +701,12 @@ class SimCLRAugmentation(keras.layers.Layer):
     Args:
         image_size: output side (int) or (height, width).
         crop_area_range: range of the crop's area as a fraction of the image area.
-        aspect_ratio_range: range of the crop's width / height.
+        aspect_ratio_range: range of the crop's width / height (for "tensorflow", multiplied by
+            the output's width / height, as the official code does).
+        crop_sampler: "tensorflow" (default): the distribution of
+            `tf.image.sample_distorted_bounding_box` with `min_object_covered=0.1` and 100
+            attempts, as the official SimCLR code; "torchvision": `RandomResizedCrop`'s (area
+            uniform, log-uniform aspect ratio), as lightly and solo-learn. See `sample_crop_boxes`.
         flip_probability: probability of a horizontal flip.
         color_jitter_strength: s; factors in [max(0, 1 - 0.8 s), 1 + 0.8 s] and hue
             shifts in [-0.2 s, 0.2 s]. The paper uses 1.0 on ImageNet, 0.5 on CIFAR-10.
@@ -574,7 +718,8 @@ class SimCLRAugmentation(keras.layers.Layer):
         value_range: (low, high) range of floating-point inputs; integer inputs are taken
             to be in [0, 255].
         eval_crop_fraction: fraction of the image side kept by the inference centre crop
-            (1.0 keeps the whole image when its aspect ratio matches the output's).
+            (1.0 keeps the whole image when its aspect ratio matches the output's). None (the
+            default): the official rule, 0.875 when the output is above 32 px, else 1.0.
         seed: int seed of the layer's seed generator, or None for a random one.
         blur_padding: "reflect" (default) or "zeros"; see `gaussian_blur_weights`.
     """
@@ -592,9 +737,10 @@ class SimCLRAugmentation(keras.layers.Layer):
         blur_probability=0.5,
         blur_sigma_range=(0.1, 2.0),
         value_range=(0.0, 255.0),
-        eval_crop_fraction=1.0,
+        eval_crop_fraction=None,
         seed=None,
         blur_padding="reflect",
+        crop_sampler="tensorflow",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -629,12 +775,18 @@ class SimCLRAugmentation(keras.layers.Layer):
         if value_range[1] <= value_range[0]:
             raise ValueError(f"value_range must be (low, high), low < high, got {value_range}.")
         self.value_range = (float(value_range[0]), float(value_range[1]))
+        if eval_crop_fraction is None:
+            # The official code's test_crop: CROP_PROPORTION above 32 px (ImageNet), none on CIFAR.
+            eval_crop_fraction = OFFICIAL_CROP_PROPORTION if max(self.output_height, self.output_width) > 32 else 1.0
         if not 0.0 < eval_crop_fraction <= 1.0:
             raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}.")
         self.eval_crop_fraction = float(eval_crop_fraction)
         if blur_padding not in ("reflect", "zeros"):
             raise ValueError(f"blur_padding must be 'reflect' or 'zeros', got {blur_padding!r}.")
         self.blur_padding = blur_padding
+        if crop_sampler not in CROP_SAMPLERS:
+            raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got crop_sampler={crop_sampler!r}.")
+        self.crop_sampler = crop_sampler
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         # Inputs are often uint8; Keras must not cast them to the compute dtype first.
@@ -655,27 +807,22 @@ class SimCLRAugmentation(keras.layers.Layer):
             return images
         return (images - low) / (high - low)
 
-    def _evaluation_view(self, images):
-        shape = tf.shape(images)
-        batch_size = shape[0]
-        top, left, height, width = center_crop_box(
-            shape[1], shape[2], self.output_height, self.output_width, self.eval_crop_fraction
-        )
-
-        def repeat(value):
-            return tf.fill([batch_size], value)
-
-        images = crop_and_resize(
-            images,
-            repeat(top),
-            repeat(left),
-            repeat(height),
-            repeat(width),
-            (self.output_height, self.output_width),
-        )
+    def _evaluation_view(self, images, image_heights, image_widths):
+        boxes = center_crop_box(
+            image_heights, image_widths, self.output_height, self.output_width, self.eval_crop_fraction
+        )  # int32 scalars, or [B] for a padded batch
+        batch_size = tf.shape(images)[0]
+        boxes = [tf.broadcast_to(value, [batch_size]) for value in boxes]
+        images = crop_and_resize(images, *boxes, (self.output_height, self.output_width))
         return tf.clip_by_value(images, 0.0, 1.0)
 
-    def _training_view(self, images, seed):
+    def _crop_aspect_ratio_range(self):
+        if self.crop_sampler == "tensorflow":
+            output_ratio = self.output_width / self.output_height
+            return tuple(bound * output_ratio for bound in self.aspect_ratio_range)
+        return self.aspect_ratio_range
+
+    def _training_view(self, images, seed, image_heights, image_widths):
         shape = tf.shape(images)
         batch_size = shape[0]
         (
@@ -693,10 +840,11 @@ class SimCLRAugmentation(keras.layers.Layer):
         tops, lefts, heights, widths = sample_crop_boxes(
             crop_seed,
             batch_size,
-            shape[1],
-            shape[2],
+            image_heights,
+            image_widths,
             self.crop_area_range,
-            self.aspect_ratio_range,
+            self._crop_aspect_ratio_range(),
+            self.crop_sampler,
         )
         row_weights = cubic_resize_weights(tops, heights, shape[1], self.output_height)
         column_weights = cubic_resize_weights(lefts, widths, shape[2], self.output_width)
@@ -741,13 +889,19 @@ class SimCLRAugmentation(keras.layers.Layer):
         """Augments a batch [B, H, W, 3] (or one image [H, W, 3]).
 
         Args:
-            images: integer images in [0, 255] or float images in `value_range`.
+            images: integer images in [0, 255] or float images in `value_range`; or a padded
+                batch {"images": [B, H, W, 3], "image_shapes": int [B, 2]} of images of
+                different sizes.
             training: random views if True, the deterministic centre crop if False.
             seed: optional integer tensor of shape [2]; makes the call stateless.
 
         Returns:
             float32 [B, out_h, out_w, 3] (or [out_h, out_w, 3]) in [0, 1].
         """
+        image_shapes = None
+        if isinstance(images, dict):
+            image_shapes = tf.cast(images[IMAGE_SHAPES], tf.int32)  # [B, 2]
+            images = images[PADDED_IMAGES]
         images = tf.convert_to_tensor(images)
         if images.shape.rank not in (3, 4):
             raise ValueError(f"Expected images of rank 3 or 4, got shape {images.shape}.")
@@ -755,26 +909,36 @@ class SimCLRAugmentation(keras.layers.Layer):
         if single_image:
             images = images[None]
         images = self._to_unit_range(images)
+        if image_shapes is None:
+            shape = tf.shape(images)
+            image_heights, image_widths = shape[1], shape[2]
+        else:
+            image_heights, image_widths = image_shapes[:, 0], image_shapes[:, 1]
 
         def training_view():
             view_seed = seed if seed is not None else _distinct_per_replica(self.seed_generator.next())
-            return self._training_view(images, _as_seed(view_seed))
+            return self._training_view(images, _as_seed(view_seed), image_heights, image_widths)
+
+        def evaluation_view():
+            return self._evaluation_view(images, image_heights, image_widths)
 
         if training is None or isinstance(training, (bool, np.bool_)):
             training = True if training is None else bool(training)
-            outputs = training_view() if training else self._evaluation_view(images)
+            outputs = training_view() if training else evaluation_view()
         else:
-            outputs = tf.cond(
-                tf.cast(training, tf.bool), training_view, lambda: self._evaluation_view(images)
-            )
+            outputs = tf.cond(tf.cast(training, tf.bool), training_view, evaluation_view)
         return outputs[0] if single_image else outputs
 
     def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, dict):
+            input_shape = input_shape[PADDED_IMAGES]
         if len(input_shape) == 3:
             return (self.output_height, self.output_width, 3)
         return (input_shape[0], self.output_height, self.output_width, 3)
 
     def compute_output_spec(self, images, training=True, seed=None):
+        if isinstance(images, dict):
+            images = images[PADDED_IMAGES]
         return keras.KerasTensor(self.compute_output_shape(images.shape), dtype="float32")
 
     def get_config(self):
@@ -795,6 +959,7 @@ class SimCLRAugmentation(keras.layers.Layer):
                 "eval_crop_fraction": self.eval_crop_fraction,
                 "seed": self.seed,
                 "blur_padding": self.blur_padding,
+                "crop_sampler": self.crop_sampler,
             }
         )
         return config

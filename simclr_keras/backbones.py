@@ -20,18 +20,25 @@ google-research/simclr (tf2) `resnet.py`:
   "imagenet" stem otherwise;
 * inputs are float images in [0, 1] without mean/std normalisation.
 
-Two deliberate differences from the official code, both matching torchvision:
-a projection shortcut is only used when the block changes the tensor shape
-(the official code also projects in the first block of group 1 of ResNet-18/34,
-where the shape is unchanged), and the last batch-norm gamma of each residual
-branch is initialised to one unless `zero_initialize_residual_gamma=True` (the
-official code initialises it to zero).
+* the gamma of the last batch norm of every residual branch starts at zero
+  (`zero_init_residual=True`, the official `init_zero=True`), so that every
+  residual block starts as the identity (Goyal et al., arXiv:1706.02677);
+* optionally SimCLR v2's selective kernels (`selective_kernel_ratio`, the
+  official `sk_ratio`; Li et al., arXiv:1903.06586) with the ResNet-D stem and
+  shortcuts that come with them (He et al., arXiv:1812.01187).
+
+One deliberate difference from the official code, matching torchvision: a
+projection shortcut is only used when the block changes the tensor shape (the
+official code also projects in the first block of group 1 of ResNet-18/34,
+where the shape is unchanged).  The bottleneck ResNets (50, 101, 152), the
+official SimCLR checkpoints among them, have the official layout exactly.
 """
 
 import keras
 
 from simclr_keras.batch_norm import FusedBatchNormalization
 from simclr_keras.conv import MatmulGradientConv2D
+from simclr_keras.selective_kernel import SelectiveKernelConv2D
 
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
@@ -41,6 +48,8 @@ _RESNET_SPECIFICATIONS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
 }
 _GROUP_BASE_FILTERS = (64, 128, 256, 512)
 _GROUP_STRIDES = (1, 2, 2, 2)
@@ -103,22 +112,16 @@ def resolve_stem(stem, image_size):
 class _LayerFactory:
     """Creates the conv / batch-norm layers with the shared settings."""
 
-    def __init__(self, synchronized_batch_norm, zero_initialize_residual_gamma):
+    def __init__(self, synchronized_batch_norm, zero_init_residual, selective_kernel_ratio):
         self.synchronized_batch_norm = synchronized_batch_norm
-        self.zero_initialize_residual_gamma = zero_initialize_residual_gamma
+        self.zero_init_residual = zero_init_residual
+        self.selective_kernel_ratio = selective_kernel_ratio
 
     def conv(self, inputs, filters, kernel_size, strides, name):
         if strides > 1:
             # Symmetric explicit padding so that the output only depends on the
             # input size, as the official Conv2dFixedPadding.
-            pad_total = kernel_size - 1
-            pad_begin = pad_total // 2
-            pad_end = pad_total - pad_begin
-            if pad_total > 0:
-                inputs = keras.layers.ZeroPadding2D(
-                    padding=((pad_begin, pad_end), (pad_begin, pad_end)),
-                    name=f"{name}_pad",
-                )(inputs)
+            inputs = _fixed_padding(inputs, kernel_size, f"{name}_pad")
             padding = "valid"
         else:
             padding = "same"
@@ -135,7 +138,7 @@ class _LayerFactory:
         )(inputs)
 
     def batch_norm(self, inputs, name, relu=True, closes_residual_branch=False):
-        zero_gamma = closes_residual_branch and self.zero_initialize_residual_gamma
+        zero_gamma = closes_residual_branch and self.zero_init_residual
         outputs = FusedBatchNormalization(
             momentum=BATCH_NORM_MOMENTUM,
             epsilon=BATCH_NORM_EPSILON,
@@ -147,10 +150,37 @@ class _LayerFactory:
             outputs = keras.layers.ReLU(name=f"{name}_relu")(outputs)
         return outputs
 
+    def selective_kernel_conv(self, inputs, filters, strides, name):
+        return SelectiveKernelConv2D(
+            filters,
+            strides=strides,
+            ratio=self.selective_kernel_ratio,
+            synchronized_batch_norm=self.synchronized_batch_norm,
+            name=name,
+        )(inputs)
+
+
+def _fixed_padding(inputs, kernel_size, name):
+    """Pads (k - 1) // 2 before and the rest after, as the official FixedPadding."""
+    pad_total = kernel_size - 1
+    if pad_total == 0:
+        return inputs
+    pad_begin = pad_total // 2
+    pad_end = pad_total - pad_begin
+    return keras.layers.ZeroPadding2D(padding=((pad_begin, pad_end), (pad_begin, pad_end)), name=name)(inputs)
+
 
 def _shortcut(layers, inputs, output_filters, strides, name):
     if strides == 1 and inputs.shape[-1] == output_filters:
         return inputs
+    if layers.selective_kernel_ratio > 0:
+        # ResNet-D: average-pool first, so that the 1x1 projection sees every pixel.
+        if strides > 1:
+            inputs = _fixed_padding(inputs, 2, f"{name}_shortcut_pad")
+        inputs = keras.layers.AveragePooling2D(
+            pool_size=2, strides=strides, padding="same" if strides == 1 else "valid", name=f"{name}_shortcut_pool"
+        )(inputs)
+        strides = 1
     shortcut = layers.conv(inputs, output_filters, 1, strides, f"{name}_shortcut_conv")
     return layers.batch_norm(shortcut, f"{name}_shortcut_bn", relu=False)
 
@@ -172,14 +202,65 @@ def _bottleneck_block(layers, inputs, filters, strides, name):
     shortcut = _shortcut(layers, inputs, output_filters, strides, name)
     outputs = layers.conv(inputs, filters, 1, 1, f"{name}_conv1")
     outputs = layers.batch_norm(outputs, f"{name}_bn1")
-    outputs = layers.conv(outputs, filters, 3, strides, f"{name}_conv2")
-    outputs = layers.batch_norm(outputs, f"{name}_bn2")
+    if layers.selective_kernel_ratio > 0:
+        # Its own batch norm and ReLU are inside, after the two-stream 3x3 convolution.
+        outputs = layers.selective_kernel_conv(outputs, filters, strides, f"{name}_conv2")
+    else:
+        outputs = layers.conv(outputs, filters, 3, strides, f"{name}_conv2")
+        outputs = layers.batch_norm(outputs, f"{name}_bn2")
     outputs = layers.conv(outputs, output_filters, 1, 1, f"{name}_conv3")
     outputs = layers.batch_norm(
         outputs, f"{name}_bn3", relu=False, closes_residual_branch=True
     )
     outputs = keras.layers.Add(name=f"{name}_add")([outputs, shortcut])
     return keras.layers.ReLU(name=f"{name}_out")(outputs)
+
+
+def _imagenet_stem(layers, images, width_multiplier):
+    """7x7/2 conv (or, with selective kernels, three 3x3 convs: ResNet-D), batch norm, 3x3/2 max-pool."""
+    stem_filters = _scaled_filters(_GROUP_BASE_FILTERS[0], width_multiplier)
+    if layers.selective_kernel_ratio > 0:
+        half_filters = _scaled_filters(_GROUP_BASE_FILTERS[0] // 2, width_multiplier)
+        features = layers.conv(images, half_filters, 3, 2, "stem_conv1")
+        features = layers.batch_norm(features, "stem_bn1")
+        features = layers.conv(features, half_filters, 3, 1, "stem_conv2")
+        features = layers.batch_norm(features, "stem_bn2")
+        features = layers.conv(features, stem_filters, 3, 1, "stem_conv")
+    else:
+        features = layers.conv(images, stem_filters, 7, 2, "stem_conv")
+    features = layers.batch_norm(features, "stem_bn")
+    # "same" max-pool equals torchvision's padding=1 here because the
+    # input is post-ReLU (non-negative), so zero padding never wins.
+    return keras.layers.MaxPooling2D(pool_size=3, strides=2, padding="same", name="stem_pool")(features)
+
+
+def _check_image_size(image_size, stem):
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(
+            "image_size must be a positive integer, received "
+            f"image_size={image_size!r}."
+        )
+    # The CIFAR stem keeps the size and groups 2-4 halve it (8x in all); the ImageNet stem adds a
+    # strided conv and a strided max-pool (32x). Smaller images leave the last group under one pixel.
+    downsampling = 8 if stem == "cifar" else 32
+    if image_size < downsampling:
+        raise ValueError(
+            f"image_size must be >= {downsampling} for the {stem} stem, which downsamples by {downsampling}; "
+            f"received image_size={image_size!r}."
+        )
+
+
+def _check_selective_kernel_ratio(ratio, block_kind):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(
+            "selective_kernel_ratio must be a number in [0, 1) (0: plain 3x3 convolutions; 0.0625: SimCLR v2's "
+            f"*_sk1 models), received selective_kernel_ratio={ratio!r}."
+        )
+    if ratio > 0 and block_kind != "bottleneck":
+        raise ValueError(
+            "selective kernels replace the 3x3 convolution of bottleneck blocks (depth 50, 101 or 152); "
+            f"received selective_kernel_ratio={ratio!r} with a basic-block ResNet."
+        )
 
 
 def resnet(
@@ -189,7 +270,8 @@ def resnet(
     stem="auto",
     synchronized_batch_norm=False,
     name=None,
-    zero_initialize_residual_gamma=False,
+    zero_init_residual=True,
+    selective_kernel_ratio=0.0,
 ):
     """Build the SimCLR base encoder f(.) as a functional `keras.Model`.
 
@@ -200,7 +282,7 @@ def resnet(
     model accepts any image size; `image_size` only selects the stem.
 
     Args:
-        depth: 18, 34 (basic blocks) or 50 (bottleneck blocks).
+        depth: 18, 34 (basic blocks), 50, 101 or 152 (bottleneck blocks).
         width_multiplier: positive number multiplying every channel count (rounded)
             (SimCLR's ResNet-50 (2x), (4x)).
         image_size: training image side length, used by `stem="auto"`.
@@ -210,9 +292,15 @@ def resnet(
         synchronized_batch_norm: use cross-replica ("global") batch norm, as
             the paper does for large-batch training (Section 2.2).
         name: model name; defaults to e.g. "resnet50" or "resnet50_x2".
-        zero_initialize_residual_gamma: initialise the gamma of the last batch
-            norm of every residual branch to zero (the official code does;
-            off by default here).
+        zero_init_residual: bool; start the gamma of the last batch norm of every
+            residual branch (`*_bn2` of basic blocks, `*_bn3` of bottlenecks) at
+            zero, as the official code always does (its `init_zero=True`); False
+            starts it at one, as torchvision's default.
+        selective_kernel_ratio: float; 0 for plain 3x3 convolutions, > 0 for
+            SimCLR v2's selective-kernel bottlenecks (`SelectiveKernelConv2D`,
+            the official `sk_ratio`, 0.0625 in its *_sk1 models), which also
+            switches to the ResNet-D stem (3x3 convs of 32, 32, 64 channels
+            times the width) and average-pooling projection shortcuts.
 
     Layers follow the global dtype policy; h is always returned as float32 so
     that the contrastive loss is computed in full precision under mixed
@@ -220,42 +308,25 @@ def resnet(
     """
     _check_depth(depth)
     _check_width_multiplier(width_multiplier)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(
-            "image_size must be a positive integer, received "
-            f"image_size={image_size!r}."
-        )
-    stem = resolve_stem(stem, image_size)
-    # The CIFAR stem keeps the size and groups 2-4 halve it (8x in all); the ImageNet stem adds a
-    # strided conv and a strided max-pool (32x). Smaller images leave the last group under one pixel.
-    downsampling = 8 if stem == "cifar" else 32
-    if image_size < downsampling:
-        raise ValueError(
-            f"image_size must be >= {downsampling} for the {stem} stem, which downsamples by {downsampling}; "
-            f"received image_size={image_size!r}."
-        )
     block_kind, blocks_per_group = _RESNET_SPECIFICATIONS[depth]
+    _check_selective_kernel_ratio(selective_kernel_ratio, block_kind)
+    stem = resolve_stem(stem, image_size)
+    _check_image_size(image_size, stem)
     block_function = _basic_block if block_kind == "basic" else _bottleneck_block
     layers = _LayerFactory(
         synchronized_batch_norm=bool(synchronized_batch_norm),
-        zero_initialize_residual_gamma=bool(zero_initialize_residual_gamma),
+        zero_init_residual=bool(zero_init_residual),
+        selective_kernel_ratio=float(selective_kernel_ratio),
     )
     if name is None:
         name = f"resnet{depth}" + (f"_x{width_multiplier:g}" if width_multiplier != 1 else "")
 
     images = keras.Input(shape=(None, None, 3), name="images")
-    stem_filters = _scaled_filters(_GROUP_BASE_FILTERS[0], width_multiplier)
     if stem == "cifar":
-        features = layers.conv(images, stem_filters, 3, 1, "stem_conv")
+        features = layers.conv(images, _scaled_filters(_GROUP_BASE_FILTERS[0], width_multiplier), 3, 1, "stem_conv")
         features = layers.batch_norm(features, "stem_bn")
     else:
-        features = layers.conv(images, stem_filters, 7, 2, "stem_conv")
-        features = layers.batch_norm(features, "stem_bn")
-        # "same" max-pool equals torchvision's padding=1 here because the
-        # input is post-ReLU (non-negative), so zero padding never wins.
-        features = keras.layers.MaxPooling2D(
-            pool_size=3, strides=2, padding="same", name="stem_pool"
-        )(features)
+        features = _imagenet_stem(layers, images, width_multiplier)
 
     for group_index, (base_filters, group_stride, num_blocks) in enumerate(
         zip(_GROUP_BASE_FILTERS, _GROUP_STRIDES, blocks_per_group), start=1

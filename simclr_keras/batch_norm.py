@@ -12,6 +12,8 @@ statistics (the biased batch variance, as Keras), same inference path, and the s
 (cross-replica) variant is left to Keras.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -23,7 +25,13 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     Falls back to Keras' computation where the kernel does not apply: inference, synchronized
     statistics, masks, renormalisation, inputs that are not [batch, height, width, channels] with
     `axis=-1`, and backends other than TensorFlow.
+
+    Inside `batch_norm_groups(layers, groups)` a training-mode call normalises each of `groups`
+    consecutive blocks of the batch with that block's own statistics (MoCo's split BatchNorm).
     """
+
+    # Set only for the duration of a `batch_norm_groups` block (read when a call is traced).
+    batch_groups = 1
 
     def _fused_applies(self, inputs, training, mask):
         return (
@@ -38,6 +46,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         )
 
     def call(self, inputs, training=None, mask=None):
+        if self.batch_groups > 1 and training and self.trainable and mask is None and not self.renorm:
+            return self._grouped_call(inputs)
         if not self._fused_applies(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
         channels = inputs.shape[-1]
@@ -67,3 +77,66 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             tf.cast(self.moving_variance, tf.float32) * momentum + variance * (1.0 - momentum)
         )
         return tf.cast(outputs, self.compute_dtype)
+
+    def _grouped_call(self, inputs):
+        """Training step with one set of statistics per block of the batch (inputs [B, ..., C]).
+
+        As the MoCo CIFAR-10 demo's SplitBatchNorm: each of the G = `batch_groups` consecutive blocks
+        of B / G examples is normalised by its own mean and variance (gathered over the replicas'
+        corresponding blocks when synchronized), and the moving statistics move once per call,
+        towards the mean over the blocks of their statistics.
+        """
+        groups = self.batch_groups
+        batch_size = inputs.shape[0]
+        if batch_size is not None and batch_size % groups:
+            raise ValueError(
+                f"{self.name}: the batch of {batch_size} does not split into batch_groups={groups} equal groups; "
+                "use a batch size divisible by the number of BatchNorm groups."
+            )
+        if self.axis not in (-1, len(inputs.shape) - 1):
+            raise ValueError(f"{self.name}: grouped statistics need channels last, got axis={self.axis}.")
+        values = tf.cast(inputs, tf.float32)
+        shape = tf.shape(values)
+        grouped = tf.reshape(values, tf.concat([[groups, -1], shape[1:]], axis=0))  # (G, B/G, ..., C)
+        axes = list(range(1, len(inputs.shape)))  # everything but the group and the channel
+        mean, variance = keras.ops.moments(grouped, axes=axes, keepdims=True, synchronized=self.synchronized)
+        scale = tf.cast(self.gamma, tf.float32) if self.scale else None
+        offset = tf.cast(self.beta, tf.float32) if self.center else None
+        outputs = tf.nn.batch_normalization(grouped, mean, variance, offset, scale, self.epsilon)
+        momentum = self.momentum
+        group_axes = list(range(len(inputs.shape)))  # (G, 1, ..., 1, C) -> (C,)
+        self.moving_mean.assign(
+            tf.cast(self.moving_mean, tf.float32) * momentum + tf.reduce_mean(mean, axis=group_axes) * (1.0 - momentum)
+        )
+        self.moving_variance.assign(
+            tf.cast(self.moving_variance, tf.float32) * momentum
+            + tf.reduce_mean(variance, axis=group_axes) * (1.0 - momentum)
+        )
+        return tf.cast(tf.reshape(outputs, shape), self.compute_dtype)
+
+
+@contextlib.contextmanager
+def batch_norm_groups(layers, groups):
+    """Within the block, training-mode calls of the `FusedBatchNormalization` layers inside `layers`
+    (layers or models) normalise each of `groups` consecutive blocks of their batch separately.
+
+    MoCo uses it to emulate per-device BatchNorm on one device (the CIFAR-10 demo's SplitBatchNorm):
+    `with batch_norm_groups([encoder], 8): encoder(images, training=True)`. Outside the block, and in
+    inference mode, the layers are unchanged; the setting is read when a call is traced, so it holds
+    for the calls made inside the block, compiled or not.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got groups={groups!r}.")
+    batch_norms = [
+        layer
+        for container in layers
+        for layer in container._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, FusedBatchNormalization)
+    ]
+    for layer in batch_norms:
+        layer.batch_groups = groups
+    try:
+        yield
+    finally:
+        for layer in batch_norms:
+            layer.batch_groups = 1

@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_keras.write_failure import reporting_write_failure
+
 
 def _global_step(model):
     return int(model.optimizer.iterations.numpy())
@@ -31,51 +33,87 @@ def drop_partial_last_line(path):
     return content[end:].decode("utf-8", errors="replace")
 
 
+def drop_records_after(path, step):
+    """Cuts the records at the end of a JSONL log whose "step" is above `step`; returns how many went.
+
+    A run resumed from the checkpoint of `step` redoes the steps after it: their earlier records are
+    dropped so that every step is logged once, by the run that went on. The cut is after the last
+    record of a step <= `step`, so that in logs written before (where redone steps were appended
+    again) the later record of a step stays the later one. One truncate call: a kill leaves either
+    the old file or the cut one.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb+") as file:
+        offset, cut_at, lines_after_cut = 0, 0, 0
+        for line in file:
+            offset += len(line)
+            lines_after_cut += 1
+            if line.strip() and json.loads(line)["step"] <= step:
+                cut_at, lines_after_cut = offset, 0
+        if cut_at < offset:
+            file.truncate(cut_at)
+    return lines_after_cut
+
+
 class StepLogger(keras.callbacks.Callback):
     """Appends one JSON object per optimizer step to `path`, and the same scalars to TensorBoard.
 
     Each line holds `step` (global and 1-based, continuing across resumed runs), `time` (Unix time
     when the step ended) and the step's logs (`loss`, `contrastive_accuracy`, `learning_rate`, and the
-    probe's values when there is one). The file is flushed after every line; should a kill cut the
-    last line short, the next run drops that fragment before appending, so the file stays valid
-    JSONL. A resumed run redoes the steps after its checkpoint and logs them again (the later record
-    of a step is the one that counts, see `simclr_keras.plots.read_train_log`). Non-finite values are
-    written as null, since JSON has no NaN. TensorBoard scalars use the same global step (Keras' own
-    TensorBoard callback restarts its step count when a run resumes).
+    probe's values when there is one). Each line goes to the file in one unbuffered write; should a
+    kill cut the last line short, the next run drops that fragment before appending, so the file
+    stays valid JSONL. Given `resume_step` (the step of the checkpoint a run resumes from), the
+    records after it, which the run redoes, are dropped first: every step is logged once, and the
+    record kept is the later one (readers such as `simclr_keras.plots.read_train_log` also let the
+    later record win, for older logs). Non-finite values are written as null, since JSON has no NaN.
+    TensorBoard scalars use the same global step (Keras' own TensorBoard callback restarts its step
+    count when a run resumes). A line that cannot be written raises `WriteFailure`.
     """
 
-    def __init__(self, path, tensorboard_dir=None):
+    def __init__(self, path, tensorboard_dir=None, resume_step=None):
         super().__init__()
         self.path = path
         self.tensorboard_dir = tensorboard_dir
+        self.resume_step = resume_step
         self._file = None
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        drop_partial_last_line(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        with reporting_write_failure("the training log", self.path):
+            drop_partial_last_line(self.path)
+            if self.resume_step is not None:
+                drop_records_after(self.path, self.resume_step)
+            # Unbuffered: nothing waits in a Python buffer, to be lost by a kill or to fail at exit.
+            self._file = open(self.path, "ab", buffering=0)
         if self.tensorboard_dir:
-            self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+            with reporting_write_failure("the TensorBoard log", self.tensorboard_dir):
+                self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         step = _global_step(self.model)
         # np.mean: multi-worker logs arrive with shape [1] (see SimCLR._reducible).
         values = {name: float(np.mean(value)) for name, value in (logs or {}).items()}
         record = {name: (value if math.isfinite(value) else None) for name, value in values.items()}
-        self._file.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
-        self._file.flush()
+        line = (json.dumps({"step": step, "time": time.time(), **record}) + "\n").encode("utf-8")
+        with reporting_write_failure(f"the training log line of step {step}", self.path):
+            written = 0
+            while written < len(line):  # a raw write may take part of the line (a nearly full disk)
+                written += self._file.write(line[written:])
         if self._writer is not None:
-            with self._writer.as_default(step=step):
-                for name, value in values.items():
-                    tf.summary.scalar(name, value)
+            with reporting_write_failure("the TensorBoard log", self.tensorboard_dir):
+                with self._writer.as_default(step=step):
+                    for name, value in values.items():
+                        tf.summary.scalar(name, value)
 
     def on_train_end(self, logs=None):
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with reporting_write_failure("the TensorBoard log", self.tensorboard_dir):
+                writer.close()  # flushes the last events
 
 
 def _all_finite(variables):
@@ -128,6 +166,10 @@ class CheckpointEveryNSteps(keras.callbacks.Callback):
     optimizer variable is non-finite (which then stops training, recorded in `non_finite` as
     "weights"): NaN weights never replace the last good checkpoint. A step is saved only once, even
     if it is seen again (a mixed_float16 step skipped by loss scaling does not advance the count).
+
+    A checkpoint that cannot be written (a full disk, no permission) raises `WriteFailure`; what it
+    had written is removed again (never in the index, it would only hold the space), and the latest
+    checkpoint stays the last complete one.
     """
 
     def __init__(self, checkpoint_manager, every_n_steps, non_finite=None):
@@ -148,7 +190,13 @@ class CheckpointEveryNSteps(keras.callbacks.Callback):
                 self.non_finite.record(step, "weights")
             self.model.stop_training = True
             return
-        self.checkpoint_manager.save(checkpoint_number=step)
+        directory = self.checkpoint_manager.directory
+        try:
+            with reporting_write_failure(f"the checkpoint of step {step}", directory):
+                self.checkpoint_manager.save(checkpoint_number=step)
+        except Exception:
+            remove_unrecorded_checkpoint(directory, step)
+            raise
         self._saved_step = step
 
     def on_train_batch_end(self, batch, logs=None):
@@ -158,6 +206,27 @@ class CheckpointEveryNSteps(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._save(_global_step(self.model))
+
+
+def remove_unrecorded_checkpoint(directory, step):
+    """Deletes the files of checkpoint ckpt-STEP in `directory` unless its `checkpoint` index lists it.
+
+    They are what a failed or killed save left: ckpt-STEP_temp/ (the shards being written) and
+    ckpt-STEP.index / .data-* (merged, not yet recorded). A recorded checkpoint is never touched.
+    """
+    state = tf.train.get_checkpoint_state(directory)
+    recorded = set(state.all_model_checkpoint_paths) | {state.model_checkpoint_path} if state else set()
+    prefix = os.path.join(directory, f"ckpt-{step}")
+    if any(os.path.basename(path) == f"ckpt-{step}" for path in recorded):
+        return
+    for path in tf.io.gfile.glob(f"{prefix}.*") + tf.io.gfile.glob(f"{prefix}_temp"):
+        try:
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            else:
+                tf.io.gfile.remove(path)
+        except tf.errors.OpError:  # removing is a courtesy; the index never points at these files
+            pass
 
 
 class StopOnSignal(keras.callbacks.Callback):

@@ -3,6 +3,16 @@
 Augmentation is not done here: `SimCLR.train_step` makes the views, so the same pipeline feeds
 pretraining, the online probe's evaluation and later protocols.
 
+Images keep their own resolution, as in the official code, which crops from the decoded image and
+resizes only the crop: `image_size` (the side of the views) resizes nothing here. A dataset whose
+images all have one size (CIFAR, STL-10) yields them as uint8 [H, W, 3]. Images of different
+sizes (ImageNet, folders of photos) are yielded as a padded element {"images": uint8 [Hc, Wc, 3],
+the image in its top-left corner, "image_shapes": int32 [2], its height and width}, so that they
+batch into fixed shapes that `SimCLRAugmentation` crops per image; the canvas (Hc, Wc) is the
+largest size in the split. Images whose longer side exceeds `max_source_size` (default 512, or
+the view size if larger) are first downscaled to it, aspect ratio kept (antialiased bicubic): a
+bound on the canvas and on the memory of a batch, where the official code crops from any size.
+
 Dataset names:
   - TFDS: "cifar10", "cifar100", "stl10", "imagenet2012" (read from `data_dir`; nothing is downloaded).
   - "folder:DIR": DIR holds split folders (train/, test/, optionally unlabeled/) of class folders of
@@ -38,6 +48,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 UNLABELED_SPLITS = ("unlabeled", "unlabelled")
 # Keep decoded images in memory when they take less than this (CIFAR-10 train at 32 px: 150 MB).
 DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
+# Longer side above which an image is downscaled (aspect ratio kept) before it is stored or batched.
+DEFAULT_MAX_SOURCE_SIZE = 512
+# Keys of a padded element; the same as simclr_keras.augment.PADDED_IMAGES and IMAGE_SHAPES.
+PADDED_IMAGES = "images"
+IMAGE_SHAPES = "image_shapes"
 
 
 class DatasetNotFoundError(ValueError):
@@ -60,9 +75,13 @@ class DatasetInfo:
     skipped_files: tuple = ()
     # Other remarks on an image folder split: files without an image extension, empty classes.
     notes: tuple = ()
-    # (images uint8 [N, S, S, 3], labels int64 [N]) tensors when the folder split was decoded into
-    # memory; `training_batches` uses them rather than decoding the dataset again.
+    # (images, labels int64 [N]) tensors when the folder split was decoded into memory, images as
+    # the elements (uint8 [N, H, W, 3] or a padded dict); `training_batches` uses them.
     decoded: tuple = dataclasses.field(default=None, compare=False, repr=False)
+    # (height, width) of every element's image tensor (the canvas of padded elements); None: unknown.
+    image_shape: tuple = None
+    # Whether elements are padded dicts {"images", "image_shapes"} (images of different sizes).
+    padded: bool = False
 
 
 def default_pretraining_split(dataset):
@@ -143,27 +162,32 @@ def list_image_folder(root, split, ignored_files=None):
     return paths, labels, class_names
 
 
-def _decode_and_resize(path, label, image_size):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return _resize_uint8(image, image_size), label
+def _decode(path):
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
 
 
-def _resize_uint8(image, image_size):
-    """Resizes one uint8 image to [image_size, image_size, 3] (antialiased), unless already that size."""
+def _limit_size(image, max_side):
+    """uint8 [h, w, 3] with max(h, w) <= max_side: larger images are downscaled, aspect ratio kept."""
     shape = tf.shape(image)
-    image = tf.cond(
-        tf.logical_and(shape[0] == image_size, shape[1] == image_size),
-        lambda: image,
-        lambda: tf.cast(
-            tf.clip_by_value(
-                tf.round(tf.image.resize(image, (image_size, image_size), method="bicubic", antialias=True)),
-                0,
-                255,
-            ),
-            tf.uint8,
-        ),
-    )
-    return tf.ensure_shape(image, (image_size, image_size, 3))
+    longer = tf.maximum(shape[0], shape[1])
+
+    def downscale():
+        scale = tf.cast(max_side, tf.float32) / tf.cast(longer, tf.float32)
+        size = tf.maximum(tf.cast(tf.math.rint(tf.cast(shape[:2], tf.float32) * scale), tf.int32), 1)
+        size = tf.minimum(size, max_side)
+        resized = tf.image.resize(image, size, method="bicubic", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    return tf.cond(longer > max_side, downscale, lambda: image)
+
+
+def _to_element(image, canvas_shape, padded):
+    """The dataset element of one uint8 image: itself (every image has `canvas_shape`) or padded."""
+    if not padded:
+        return tf.ensure_shape(image, (*canvas_shape, 3))
+    shape = tf.shape(image)[:2]
+    canvas = tf.pad(image, [[0, canvas_shape[0] - shape[0]], [0, canvas_shape[1] - shape[1]], [0, 0]])
+    return {PADDED_IMAGES: tf.ensure_shape(canvas, (*canvas_shape, 3)), IMAGE_SHAPES: tf.cast(shape, tf.int32)}
 
 
 def _decode_error(path):
@@ -177,38 +201,51 @@ def _decode_error(path):
     return "it failed to decode once but decodes now (was it being written?)"
 
 
-def _decode_folder(paths, image_size, keep_images):
-    """Decodes every file once, in a parallel tf.data pass; returns (indices that decode, images).
+def _decode_folder(paths, max_side, cache_limit_bytes):
+    """Decodes every file once, in a parallel tf.data pass: (indices that decode, shapes, images).
 
     `ignore_errors` drops the files that fail without saying which, so each element carries its
-    index and the indices missing from the result are the bad files. `images` is uint8
-    [len(indices), S, S, 3] in file order when `keep_images`; otherwise None, and the files are
-    only decoded (not resized), which is the check.
+    index and the indices missing from the result are the bad files. `shapes` is int [n, 2] (after
+    `_limit_size`); `images` the n uint8 arrays at those sizes while they take at most
+    `cache_limit_bytes`, else None (the pass was then only the check).
     """
 
     def decode(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return index, (_resize_uint8(image, image_size) if keep_images else tf.shape(image))
+        image = _limit_size(_decode(path), max_side)
+        return index, image, tf.shape(image)[:2]
 
     indexed = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
     decoded = indexed.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    # Filled in place: concatenating batches would hold the images twice.
-    images = np.empty((len(paths), image_size, image_size, 3), np.uint8) if keep_images else None
-    indices = []
-    for index_batch, image_batch in decoded.batch(1024).prefetch(2).as_numpy_iterator():
-        if keep_images:
-            images[len(indices) : len(indices) + len(index_batch)] = image_batch
+    indices, shapes, images, stored_bytes = [], [], [], 0
+    for index_batch, image_batch, shape_batch in decoded.padded_batch(256).prefetch(2).as_numpy_iterator():
         indices.extend(index_batch.tolist())
-    return indices, (images[: len(indices)] if keep_images else None)
+        shapes.extend(shape_batch.tolist())
+        if images is not None:
+            stored_bytes += int(np.prod(shape_batch, axis=1).sum()) * 3
+            if stored_bytes > cache_limit_bytes:
+                images = None  # too large for memory: stream the files instead
+            else:
+                images.extend(image[:height, :width].copy() for image, (height, width) in zip(image_batch, shape_batch))
+    return indices, np.asarray(shapes, np.int64).reshape(-1, 2), images
 
 
-def _folder_dataset(root, split, image_size, max_examples, strict, cache_limit_bytes):
+def _stack_in_canvas(images, canvas_shape, padded):
+    """uint8 [N, Hc, Wc, 3] (or the padded dict) of a list of uint8 arrays, filled in place."""
+    canvas = np.zeros((len(images), *canvas_shape, 3), np.uint8)
+    for index, image in enumerate(images):
+        canvas[index, : image.shape[0], : image.shape[1]] = image
+    if not padded:
+        return tf.constant(canvas)
+    shapes = np.asarray([image.shape[:2] for image in images], np.int32)
+    return {PADDED_IMAGES: tf.constant(canvas), IMAGE_SHAPES: tf.constant(shapes)}
+
+
+def _folder_dataset(root, split, max_side, max_examples, strict, cache_limit_bytes):
     ignored = []
     paths, labels, class_names = list_image_folder(root, split, ignored)
     if max_examples:
         paths, labels = paths[:max_examples], labels[:max_examples]
-    keep_images = len(paths) * image_size * image_size * 3 <= cache_limit_bytes
-    kept, images = _decode_folder(paths, image_size, keep_images)
+    kept, shapes, images = _decode_folder(paths, max_side, cache_limit_bytes)
     kept_set = set(kept)
     bad = [index for index in range(len(paths)) if index not in kept_set]
     if bad and strict:
@@ -237,13 +274,15 @@ def _folder_dataset(root, split, image_size, max_examples, strict, cache_limit_b
         if empty:
             notes.append(f"split '{split}' holds no decodable images of class(es) {empty}")
 
+    canvas_shape = tuple(int(side) for side in shapes.max(axis=0))
+    padded = bool(np.any(shapes != shapes[:1]))
     decoded = None
-    if keep_images:
-        decoded = (tf.constant(images), tf.constant(label_array))
+    if images is not None and len(images) * canvas_shape[0] * canvas_shape[1] * 3 <= cache_limit_bytes:
+        decoded = (_stack_in_canvas(images, canvas_shape, padded), tf.constant(label_array))
         dataset = tf.data.Dataset.from_tensor_slices(decoded)
     else:
         dataset = tf.data.Dataset.from_tensor_slices((paths, label_array)).map(
-            lambda path, label: _decode_and_resize(path, label, image_size),
+            lambda path, label: (_to_element(_limit_size(_decode(path), max_side), canvas_shape, padded), label),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -251,8 +290,9 @@ def _folder_dataset(root, split, image_size, max_examples, strict, cache_limit_b
             # Every file decoded above; one that breaks later (changed on disk) must not end the run.
             dataset = dataset.ignore_errors(log_warning=True)
     info = DatasetInfo(
-        len(paths), len(class_names) if has_labels else 0, class_names, skipped, tuple(notes), decoded
-    )
+        len(paths), len(class_names) if has_labels else 0, class_names, skipped, tuple(notes), decoded,
+        canvas_shape, padded,
+    )  # fmt: skip
     return dataset, info
 
 
@@ -268,7 +308,7 @@ def skipped_files_report(info, limit=20):
     return lines
 
 
-def _tfds_dataset(name, split, data_dir, image_size, max_examples):
+def _tfds_dataset(name, split, data_dir, max_side, max_examples):
     import tensorflow_datasets as tfds  # imported here: slow, and only needed for TFDS datasets
 
     try:
@@ -290,12 +330,20 @@ def _tfds_dataset(name, split, data_dir, image_size, max_examples):
     if max_examples:
         dataset = dataset.take(max_examples)
         num_examples = min(num_examples, max_examples)
+    height, width = builder.info.features["image"].shape[:2]
+    # One size for every image (CIFAR, STL-10): as they are. Otherwise (ImageNet): padded canvases.
+    padded = height is None or width is None or max(height, width) > max_side
+    canvas_shape = (max_side, max_side) if padded else (height, width)
     dataset = dataset.map(
-        lambda example: (_resize_uint8(example["image"], image_size), example["label"]),
+        lambda example: (
+            _to_element(_limit_size(example["image"], max_side), canvas_shape, padded),
+            example["label"],
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    return dataset, DatasetInfo(num_examples, len(class_names), class_names)
+    info = DatasetInfo(num_examples, len(class_names), class_names, image_shape=canvas_shape, padded=padded)
+    return dataset, info
 
 
 def check_dataset(dataset, splits):
@@ -318,40 +366,44 @@ def load_images(
     max_examples=0,
     strict=False,
     cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES,
+    max_source_size=DEFAULT_MAX_SOURCE_SIZE,
 ):
-    """Returns (tf.data.Dataset of (uint8 [S, S, 3], int64 label), DatasetInfo), unbatched, in file order.
+    """Returns (tf.data.Dataset of (image, int64 label), DatasetInfo), unbatched, in file order.
 
-    An image folder split is decoded once here (see the module docstring): files that do not decode
-    are left out and listed in `info.skipped_files`, or, with `strict`, raise InvalidImageError.
-    When its images take at most `cache_limit_bytes` they stay in memory (`info.decoded`).
-    `max_examples` counts files before the bad ones are left out.
+    Images are uint8 [H, W, 3] at their own resolution, or padded elements for images of different
+    sizes (see the module docstring and `info.padded`); none is larger than
+    max(`max_source_size`, `image_size`) on its longer side. An image folder split is decoded once
+    here: files that do not decode are left out and listed in `info.skipped_files`, or, with
+    `strict`, raise InvalidImageError. When its images take at most `cache_limit_bytes` they stay
+    in memory (`info.decoded`). `max_examples` counts files before the bad ones are left out.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got image_size={image_size!r}.")
     if max_examples < 0:
         raise ValueError(f"max_examples must be >= 0 (0: all), got max_examples={max_examples!r}.")
+    if isinstance(max_source_size, bool) or not isinstance(max_source_size, (int, np.integer)) or max_source_size < 1:
+        raise ValueError(f"max_source_size must be a positive integer, got max_source_size={max_source_size!r}.")
+    max_side = int(max(max_source_size, image_size))
     if dataset.startswith(FOLDER_PREFIX):
         return _folder_dataset(
-            dataset[len(FOLDER_PREFIX):], split, image_size, max_examples, strict, cache_limit_bytes
+            dataset[len(FOLDER_PREFIX):], split, max_side, max_examples, strict, cache_limit_bytes
         )
     if dataset in TFDS_DATASETS:
-        return _tfds_dataset(dataset, split, data_dir, image_size, max_examples)
+        return _tfds_dataset(dataset, split, data_dir, max_side, max_examples)
     raise DatasetNotFoundError(
         f"unknown dataset {dataset!r}; expected one of {list(TFDS_DATASETS)} or folder:DIR."
     )
 
 
 def _fits_in_memory(info, image_size, cache_limit_bytes):
-    return info.num_examples * image_size * image_size * 3 <= cache_limit_bytes
+    height, width = info.image_shape or (image_size, image_size)
+    return info.num_examples * height * width * 3 <= cache_limit_bytes
 
 
 def _decode_all(images):
-    """Decodes a dataset of (image, label) once into two numpy arrays."""
-    image_batches, label_batches = [], []
-    for image_batch, label_batch in images.batch(1024).prefetch(2).as_numpy_iterator():
-        image_batches.append(image_batch)
-        label_batches.append(label_batch)
-    return np.concatenate(image_batches), np.concatenate(label_batches)
+    """Decodes a dataset of (image, label) once into numpy arrays (image elements may be dicts)."""
+    batches = list(images.batch(1024).prefetch(2).as_numpy_iterator())
+    return tf.nest.map_structure(lambda *blocks: np.concatenate(blocks), *batches)
 
 
 def training_batches(
@@ -399,9 +451,13 @@ def training_batches(
     indices = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_order)
     batches = indices.skip(skip_batches * batch_size).batch(batch_size, drop_remainder=True)
     batches = batches.map(
-        lambda index: (tf.gather(all_images, index), tf.gather(all_labels, index)),
+        lambda index: (tf.nest.map_structure(lambda part: tf.gather(part, index), all_images), tf.gather(all_labels, index)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
+    # Endless (epochs up to int64 max), which flat_map hides: said here, tf.distribute skips its
+    # partial-batch handling, and the per-replica batch keeps a static size under multi-worker
+    # training (micro-batching with synchronized BatchNorm needs it; models/gradient_cache.py).
+    batches = batches.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
     return batches.prefetch(tf.data.AUTOTUNE)
 
 

@@ -30,6 +30,8 @@ from simclr_keras.cli import warn_about_data
 FLAGS = flags.FLAGS
 
 PROTOCOLS = ("knn", "linear", "finetune")
+# The keys of simclr_keras.evaluation.LINEAR_PROTOCOLS (kept here: flags are checked before TensorFlow loads).
+LINEAR_PROTOCOLS = ("features", "official")
 
 # Encoder
 flags.DEFINE_string("protocol", "linear", "knn, linear or finetune.")
@@ -54,8 +56,16 @@ flags.DEFINE_integer("batch_size", 0, "linear, finetune: batch size B; 0: 512 (l
 flags.DEFINE_float("learning_rate", 0.0, "linear, finetune: base rate, used as rate x B/256; 0: 0.1 (linear) or 0.05 (finetune).")
 flags.DEFINE_float("momentum", 0.9, "linear, finetune: Nesterov momentum.")
 flags.DEFINE_float("weight_decay", 0.0, "linear, finetune: L2 weight decay (BatchNorm and biases excluded).")
+flags.DEFINE_string(
+    "linear_protocol", "features",
+    "linear: 'official' (google-research/simclr: raw features of crop-and-flip views, new every epoch) or 'features' "
+    "(unaugmented features extracted once, standardised; fast). Sets the defaults of the next two flags.",
+)  # fmt: skip
 flags.DEFINE_bool("linear_augment", False, "linear: random crop + flip of the training images, features recomputed every epoch.")
 flags.DEFINE_bool("standardize_features", True, "linear: standardise each feature with the training mean and std.")
+flags.DEFINE_integer(
+    "head_layer", 0, "Features from the projection head's K-th layer instead of h (SimCLR v2 ft_proj_selector; 0: h)."
+)
 # Outputs
 flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 flags.DEFINE_string(
@@ -89,6 +99,16 @@ def _validate():
         fail(f"--eval_batch_size must be >= 1, got {FLAGS.eval_batch_size}.")
     if FLAGS.linear_augment and FLAGS.protocol != "linear":
         fail(f"--linear_augment applies to --protocol=linear, got --protocol={FLAGS.protocol}.")
+    if FLAGS.linear_protocol not in LINEAR_PROTOCOLS:
+        fail(f"--linear_protocol must be one of {', '.join(LINEAR_PROTOCOLS)}, got {FLAGS.linear_protocol!r}.")
+    if FLAGS.head_layer < 0:
+        fail(f"--head_layer must be >= 0 (0: h, K: the projection head's K-th layer), got {FLAGS.head_layer}.")
+    # --linear_protocol gives the defaults; --linear_augment and --standardize_features given explicitly win.
+    if FLAGS.linear_protocol == "official":
+        if not FLAGS["linear_augment"].present:
+            FLAGS.linear_augment = FLAGS.protocol == "linear"
+        if not FLAGS["standardize_features"].present:
+            FLAGS.standardize_features = False
 
 
 def _protocol_defaults():
@@ -118,26 +138,29 @@ def _load_model(model_dir, random_init):
         return keras.saving.deserialize_keras_object(json.load(file))
 
 
-def _rebuild_exported_encoder(path):
-    """(encoder, augmenter) of an export written by simclr_keras.export, as trainable Keras objects.
+def _rebuild_exported_encoder(path, head_layer=0):
+    """(encoder, augmenter, projection head or None) of an export written by simclr_keras.export.
 
     `export.load_encoder` gives uint8 images -> h with the evaluation preprocessing inside; its parts
-    are the bare encoder (float images in [0, 1] -> h) and the run's augmenter. Returns (None, reason)
-    when `path` cannot be rebuilt (e.g. a SavedModel written by other code).
+    are the bare encoder (float images in [0, 1] -> h), the run's augmenter and, with `head_layer`,
+    the projection head. Returns (None, reason) when `path` cannot be rebuilt (e.g. a SavedModel
+    written by other code).
     """
     import keras
 
     try:
         from simclr_keras import export
+        from simclr_keras.heads import ProjectionHead
 
-        loaded = export.load_encoder(path)
+        loaded = export.load_encoder(path, head_layer)
         preprocessing = [layer for layer in loaded.layers if isinstance(layer, export.EvaluationPreprocessing)]
         encoders = [layer for layer in loaded.layers if isinstance(layer, keras.Model)]
+        heads = [layer for layer in loaded.layers if isinstance(layer, ProjectionHead)]
         if len(preprocessing) != 1 or len(encoders) != 1:
             return None, "its Keras model is not preprocessing followed by an encoder"
     except Exception as error:  # load_encoder raises several types for exports it did not write
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return (encoders[0], preprocessing[0].augmenter), None
+    return (encoders[0], preprocessing[0].augmenter, heads[0] if heads else None), None
 
 
 def _write_confusion_matrix(path, labels, scores, num_classes, class_names, description, source):
@@ -187,6 +210,7 @@ def run_evaluation():
         "model_dir": FLAGS.model_dir,
         "encoder": FLAGS.encoder,
         "random_init": FLAGS.random_init,
+        "head_layer": FLAGS.head_layer,
     }
 
     # The encoder, as a feature function on uint8 images.
@@ -197,7 +221,11 @@ def run_evaluation():
         except FileNotFoundError as error:
             fail(f"--model_dir={FLAGS.model_dir}: {error}")
         image_size = FLAGS.image_size or model.augmenter.output_height
-        feature_function = evaluation.feature_function_from_model(model)
+        try:
+            model.projection_head._check_head_layer(FLAGS.head_layer)
+        except ValueError as error:
+            fail(f"--head_layer={FLAGS.head_layer}: {error}")
+        feature_function = evaluation.feature_function_from_model(model, FLAGS.head_layer)
         checkpoint = None
         if not FLAGS.random_init:
             checkpoint = tf.train.latest_checkpoint(os.path.join(FLAGS.model_dir, runs.CHECKPOINTS))
@@ -211,8 +239,14 @@ def run_evaluation():
         except FileNotFoundError as error:
             fail(f"--encoder={FLAGS.encoder}: {error}")
         settings["encoder"] = encoder_path
+        output = export.head_layer_output_name(FLAGS.head_layer) if FLAGS.head_layer else export.EMBEDDINGS
         try:
-            feature_function, exported_size = evaluation.feature_function_from_saved_model(encoder_path)
+            feature_function, exported_size = evaluation.feature_function_from_saved_model(encoder_path, output)
+        except ValueError as error:
+            if not FLAGS.head_layer:
+                fail(f"--encoder={FLAGS.encoder}: {error}")
+            # No head_layer_K output: the features come from the rebuilt Keras encoder and head below.
+            feature_function, exported_size = None, None
         except Exception as error:  # tf.saved_model.load raises several types for a path that is no SavedModel
             fail(
                 f"--encoder={FLAGS.encoder} is not an exported encoder ({type(error).__name__}: "
@@ -222,19 +256,24 @@ def run_evaluation():
         if FLAGS.image_size and exported_size and FLAGS.image_size != exported_size:
             fail(f"--image_size={FLAGS.image_size} differs from the {exported_size} px the exported encoder takes.")
         image_size = FLAGS.image_size or exported_size
-        if FLAGS.protocol == "finetune" or not image_size:
+        if FLAGS.protocol == "finetune" or not image_size or feature_function is None:
             # Fine-tuning needs trainable weights, and a signature taking any size (which resizes
             # inside) leaves the training size to the export's Keras configs.
-            parts, reason = _rebuild_exported_encoder(encoder_path)
+            parts, reason = _rebuild_exported_encoder(encoder_path, FLAGS.head_layer)
             if parts is None and FLAGS.protocol == "finetune":
                 fail(
                     f"--protocol=finetune needs trainable weights, and --encoder={FLAGS.encoder} cannot be rebuilt "
                     f"by simclr_keras.export.load_encoder ({reason}); pass --model_dir=RUN."
                 )
+            if parts is None and feature_function is None:
+                fail(f"--head_layer={FLAGS.head_layer}: --encoder={FLAGS.encoder} has no head_layer_{FLAGS.head_layer} "
+                     f"output and cannot be rebuilt with its projection head ({reason}).")  # fmt: skip
             if parts is None:
                 fail(f"--encoder={FLAGS.encoder} accepts any image size; pass --image_size (the pretraining size).")
-            model = types.SimpleNamespace(encoder=parts[0], augmenter=parts[1])
+            model = types.SimpleNamespace(encoder=parts[0], augmenter=parts[1], projection_head=parts[2])
             image_size = image_size or model.augmenter.output_height
+            if feature_function is None:
+                feature_function = evaluation.feature_function_from_model(model, FLAGS.head_layer)
     settings["image_size"] = image_size
 
     try:
@@ -272,6 +311,8 @@ def run_evaluation():
     train_batches = data.evaluation_batches(train_examples, train_info, FLAGS.eval_batch_size, image_size)
 
     epochs, batch_size, base_learning_rate = _protocol_defaults()
+    # Linear evaluation and fine-tuning crop as pretraining did (the official sampler otherwise).
+    crop_sampler = getattr(getattr(model, "augmenter", None), "crop_sampler", "tensorflow")
     if FLAGS.protocol == "knn":
         train_features, train_labels = evaluation.extract_features(feature_function, train_batches)
         test_features, test_labels = evaluation.extract_features(feature_function, test_batches)
@@ -292,8 +333,9 @@ def run_evaluation():
         if FLAGS.protocol == "linear":
             if FLAGS.linear_augment:
                 train_features = evaluation.augmented_feature_epochs(
-                    feature_function, train_examples, len(train_labels), image_size, FLAGS.eval_batch_size, FLAGS.seed
-                )
+                    feature_function, train_examples, len(train_labels), image_size, FLAGS.eval_batch_size, FLAGS.seed,
+                    crop_sampler=crop_sampler,
+                )  # fmt: skip
             else:
                 train_features, train_labels = evaluation.extract_features(feature_function, train_batches)
             test_features, test_labels = evaluation.extract_features(feature_function, test_batches)
@@ -326,7 +368,12 @@ def run_evaluation():
                 seed=FLAGS.seed,
                 verbose=2,
             )
-            settings.update(linear_augment=FLAGS.linear_augment, standardize_features=FLAGS.standardize_features)
+            settings.update(
+                linear_protocol=evaluation.linear_protocol_name(FLAGS.linear_augment, FLAGS.standardize_features),
+                linear_augment=FLAGS.linear_augment,
+                standardize_features=FLAGS.standardize_features,
+                crop_sampler=crop_sampler if FLAGS.linear_augment else None,
+            )
         else:
             result, _ = evaluation.finetune(
                 model.encoder,
@@ -344,9 +391,16 @@ def run_evaluation():
                 seed=FLAGS.seed,
                 preprocess=lambda images: model.augmenter(images, training=False),
                 verbose=2,
+                projection_head=getattr(model, "projection_head", None),
+                head_layer=FLAGS.head_layer,
+                crop_sampler=crop_sampler,
             )
+            settings.update(crop_sampler=crop_sampler)
         num_test = int(result.scores.shape[0])
-        description = f"{FLAGS.protocol} ({epochs} epochs, batch {batch_size}, lr {learning_rate:g})"
+        name = FLAGS.protocol
+        if FLAGS.protocol == "linear":
+            name = f"linear[{settings['linear_protocol']}]"
+        description = f"{name} ({epochs} epochs, batch {batch_size}, lr {learning_rate:g})"
         settings.update(train_loss=result.train_loss, train_top1=result.train_top1)
 
     results = {
@@ -378,6 +432,8 @@ def run_evaluation():
             confusion_path, labels, result.scores, num_classes, test_info.class_names, description,
             FLAGS.model_dir or settings["encoder"],
         )  # fmt: skip
+    if FLAGS.head_layer:
+        description += f" on head layer {FLAGS.head_layer}"
     print(
         f"{description} of {source} on {FLAGS.dataset}:{FLAGS.eval_split}: top-1 {result.top1:.4f}, "
         f"top-5 {result.top5:.4f} ({num_train} train, {num_test} test images, {num_classes} classes)"

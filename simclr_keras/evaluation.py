@@ -35,6 +35,22 @@ DEFAULT_TEST_CHUNK_SIZE = 1024
 DEFAULT_TRAIN_CHUNK_SIZE = 16384
 # Keep images in memory (tf.data cache) for multi-epoch protocols when they take less than this.
 DEFAULT_CACHE_LIMIT_BYTES = 4 * 1024**3
+# Linear evaluation variants: what the classifier is trained on.
+#   official: as google-research/simclr (train_mode=finetune, fine_tune_after_block=4): the frozen
+#     encoder's raw features of random crop-and-flip views, new views every epoch.
+#   features: features of the unaugmented images, extracted once and standardised (fast).
+LINEAR_PROTOCOLS = {
+    "official": {"augment": True, "standardize": False},
+    "features": {"augment": False, "standardize": True},
+}
+
+
+def linear_protocol_name(augment, standardize):
+    """The name of the linear evaluation variant of these settings, for results and log lines."""
+    for name, settings in LINEAR_PROTOCOLS.items():
+        if settings == {"augment": bool(augment), "standardize": bool(standardize)}:
+            return name
+    return f"custom (augment={bool(augment)}, standardize={bool(standardize)})"
 
 
 @dataclasses.dataclass
@@ -228,24 +244,28 @@ def knn_classify(
 # --------------------------------------------------------------------------------------
 
 
-def feature_function_from_model(model):
-    """Feature function of a SimCLR model: uint8 images [B, S, S, 3] -> h [B, D].
+def feature_function_from_model(model, head_layer=0):
+    """Feature function of a SimCLR model: uint8 images [B, H, W, 3] (or a padded batch) -> h [B, D].
 
     Applies the model's evaluation preprocessing (`augmenter(images, training=False)`: centre crop,
     resize to the training size, scale to [0, 1]) and its encoder in inference mode (BatchNorm
-    moving statistics).
+    moving statistics). With `head_layer` K > 0 the features are the output of the K-th layer of
+    the projection head, also in inference mode (SimCLR v2's `ft_proj_selector`).
     """
 
     @tf.function(reduce_retracing=True)
     def features(images):
-        return model.encoder(model.augmenter(images, training=False), training=False)
+        representation = model.encoder(model.augmenter(images, training=False), training=False)
+        if not head_layer:
+            return representation
+        return model.projection_head(representation, training=False, head_layer=head_layer)
 
     return features
 
 
-def feature_function_from_saved_model(path):
+def feature_function_from_saved_model(path, output="embeddings"):
     """Feature function of an exported encoder: its `serving_default` signature, uint8 `images` in,
-    `embeddings` (h) out.
+    `output` out: `embeddings` (h), or `head_layer_K` of an export written with `head_layer=K`.
 
     Returns (feature function, image size or None): the size is the side the signature fixes, None
     when it accepts any size. Raises ValueError naming what is missing when `path` holds a SavedModel
@@ -259,8 +279,8 @@ def feature_function_from_saved_model(path):
     _, input_specs = signature.structured_input_signature
     if "images" not in input_specs:
         raise ValueError(f"{path}: serving_default takes {sorted(input_specs)}, not `images`.")
-    if "embeddings" not in signature.structured_outputs:
-        raise ValueError(f"{path}: serving_default returns {sorted(signature.structured_outputs)}, not `embeddings`.")
+    if output not in signature.structured_outputs:
+        raise ValueError(f"{path}: serving_default returns {sorted(signature.structured_outputs)}, not `{output}`.")
     input_spec = input_specs["images"]
     shape = input_spec.shape
     # Images are fed as they are decoded: uint8 [batch, height, width, 3], values 0-255. Casting them
@@ -275,7 +295,7 @@ def feature_function_from_saved_model(path):
 
     def features(images):
         # `loaded` is kept alive by this closure: the signature alone holds only weak references.
-        return loaded.signatures["serving_default"](images=tf.cast(images, input_spec.dtype))["embeddings"]
+        return loaded.signatures["serving_default"](images=tf.cast(images, input_spec.dtype))[output]
 
     return features, image_size
 
@@ -311,24 +331,30 @@ def select_examples(examples, indices, num_examples):
     )
 
 
-def random_crop_and_flip(images, image_size, seed):
-    """Random resized crop (area 8-100%, aspect ratio 3/4-4/3, bicubic) and horizontal flip.
+def random_crop_and_flip(images, image_size, seed, crop_sampler="tensorflow"):
+    """Random crop (area 8-100%, aspect ratio 3/4-4/3, bicubic resize) and horizontal flip.
 
-    The only augmentation of the official linear evaluation and fine-tuning (no colour distortion),
-    drawn per image from `seed` (int [2]) with the same crop sampler as pretraining.
+    The only augmentation of the official linear evaluation and fine-tuning (`preprocess_for_train`
+    without colour distortion), drawn per image from `seed` (int [2]), from the official code's
+    crop sampler by default (`augment.sample_crop_boxes`).
 
     Args:
-      images: uint8 [B, H, W, 3] in [0, 255] or float in [0, 1].
+      images: uint8 [B, H, W, 3] in [0, 255] or float in [0, 1], or a padded batch
+        {"images", "image_shapes"} of images of different sizes (`simclr_keras.data`).
       image_size: output side S.
 
     Returns float32 [B, S, S, 3] in [0, 1].
     """
+    image_shapes = None
+    if isinstance(images, dict):
+        images, image_shapes = images[augment.PADDED_IMAGES], images[augment.IMAGE_SHAPES]
     if images.dtype.is_integer:
         images = tf.cast(images, tf.float32) / 255.0
     shape = tf.shape(images)
+    heights, widths = (shape[1], shape[2]) if image_shapes is None else (image_shapes[:, 0], image_shapes[:, 1])
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2))
-    tops, lefts, heights, widths = augment.sample_crop_boxes(crop_seed, shape[0], shape[1], shape[2])
-    views = augment.crop_and_resize(images, tops, lefts, heights, widths, image_size)
+    boxes = augment.sample_crop_boxes(crop_seed, shape[0], heights, widths, sampler=crop_sampler)
+    views = augment.crop_and_resize(images, *boxes, image_size)
     flips = augment.stateless_uniform(flip_seed, [shape[0]]) < 0.5
     views = tf.where(flips[:, None, None, None], tf.reverse(views, axis=[2]), views)
     return tf.clip_by_value(views, 0.0, 1.0)
@@ -343,7 +369,12 @@ def _batch_seed(seed, epoch, batch_index):
 
 
 def _maybe_cache(examples, num_examples, image_size, cache_limit_bytes):
-    if num_examples * image_size * image_size * 3 <= cache_limit_bytes:
+    """`examples.cache()` when its images (at their stored size where known) fit the limit."""
+    image_spec = examples.element_spec[0]
+    image_spec = image_spec["images"] if isinstance(image_spec, dict) else image_spec
+    height, width = image_spec.shape[0], image_spec.shape[1]
+    pixels = height * width if height is not None and width is not None else image_size * image_size
+    if num_examples * pixels * 3 <= cache_limit_bytes:
         return examples.cache()
     return examples
 
@@ -356,6 +387,7 @@ def augmented_feature_epochs(
     batch_size=500,
     seed=0,
     cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES,
+    crop_sampler="tensorflow",
 ):
     """Features of freshly augmented training images, one call per epoch.
 
@@ -368,7 +400,7 @@ def augmented_feature_epochs(
     def features_of_epoch(epoch):
         def augment_batch(batch_index, batch):
             images, labels = batch
-            views = random_crop_and_flip(images, image_size, _batch_seed(seed, epoch, batch_index))
+            views = random_crop_and_flip(images, image_size, _batch_seed(seed, epoch, batch_index), crop_sampler)
             # Feature functions take uint8, as an exported signature does; the rounding is < 0.5 / 255.
             return tf.cast(tf.round(views * 255.0), tf.uint8), labels
 
@@ -500,6 +532,18 @@ def linear_evaluation(
 # --------------------------------------------------------------------------------------
 
 
+def _copy_of_head(projection_head, head_layer):
+    """A trainable copy of a projection head whose layers after `head_layer` are frozen (unused)."""
+    copy = projection_head.__class__.from_config(projection_head.get_config())
+    copy.build((None, int(projection_head.dense_layers[0].kernel.shape[0])))
+    copy.set_weights(projection_head.get_weights())
+    for layers in list(zip(copy.dense_layers, copy.batch_norm_layers))[head_layer:]:
+        for layer in layers:
+            if layer is not None:
+                layer.trainable = False
+    return copy
+
+
 def finetune(
     encoder,
     train_examples,
@@ -516,6 +560,9 @@ def finetune(
     preprocess=None,
     cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES,
     verbose=0,
+    projection_head=None,
+    head_layer=0,
+    crop_sampler="tensorflow",
 ):
     """Fine-tunes a copy of the encoder plus a linear head on labelled images; tests it.
 
@@ -539,6 +586,11 @@ def finetune(
       seed: seed of the order of the examples and of the crops and flips.
       preprocess: evaluation preprocessing, uint8 images -> float [0, 1] at the encoder's size
         (a SimCLR model's `augmenter(images, training=False)`); default: divide by 255.
+      projection_head, head_layer: with K = head_layer > 0, the classifier sits on the output of
+        the K-th layer of (a copy of) `projection_head`, whose first K layers are fine-tuned with
+        the encoder: SimCLR v2's `ft_proj_selector` (it fine-tunes from the first layer of a
+        3-layer head). 0: on h.
+      crop_sampler: the training crops' sampler (`augment.sample_crop_boxes`).
 
     Returns:
       (ClassificationResult with logits as scores, the fine-tuned classifier: a keras.Model from
@@ -554,8 +606,13 @@ def finetune(
     trainable_encoder = keras.models.clone_model(encoder)
     trainable_encoder.set_weights(encoder.get_weights())
     images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
+    features = trainable_encoder(images)
+    if head_layer:
+        if projection_head is None:
+            raise ValueError(f"head_layer={head_layer} needs the projection_head to fine-tune from; received None.")
+        features = _copy_of_head(projection_head, head_layer)(features, head_layer=head_layer)
     logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32", name="classifier")(
-        trainable_encoder(images)
+        features
     )
     classifier = keras.Model(images, logits, name="finetuned_classifier")
     classifier.compile(
@@ -567,7 +624,8 @@ def finetune(
     def augment_batch(step, batch):
         batch_images, labels = batch
         epoch, batch_index = step // steps_per_epoch, step % steps_per_epoch
-        return random_crop_and_flip(batch_images, image_size, _batch_seed(seed, epoch, batch_index)), labels
+        views = random_crop_and_flip(batch_images, image_size, _batch_seed(seed, epoch, batch_index), crop_sampler)
+        return views, labels
 
     examples = _maybe_cache(train_examples, num_train, image_size, cache_limit_bytes)
     # An endless stream, so that every step (not every epoch) draws new crops.

@@ -174,26 +174,29 @@ def hard_negative_nt_xent_with_accuracy(
     logits, positive_index = contrastive_logits(z1, z2, temperature)  # (2N, 2M)
     num_candidates = tf.shape(logits)[1]
     num_negatives = tf.cast(num_candidates - 2, tf.float32)  # M = 2(global batch) - 2
-    positive_mask = tf.one_hot(positive_index, num_candidates)
-    self_mask = tf.cast(logits < -_SELF_SIMILARITY_PENALTY / 2, tf.float32)
-    negative_mask = 1.0 - positive_mask - self_mask
+    is_positive = tf.cast(tf.one_hot(positive_index, num_candidates), tf.bool)
+    is_self = logits < -_SELF_SIMILARITY_PENALTY / 2
+    is_negative = tf.logical_not(tf.logical_or(is_positive, is_self))  # (2N, 2M)
 
-    # Everything is scaled by exp(-1/tau) (1/tau is the largest possible logit) so that exp never
-    # overflows; the scale cancels in pos / (pos + Ng), and the clamp is scaled alike.
-    inverse_temperature = 1.0 / temperature
-    shifted = logits - inverse_temperature
-    positive_logit = tf.reduce_sum(shifted * positive_mask, axis=1)  # (2N,)
-    positive = tf.exp(positive_logit)
-    negatives = tf.exp(shifted) * negative_mask  # (2N, 2M); zero at self and positive
-    # Importance weights neg^beta, shifted by each anchor's largest negative (cancels in R).
-    largest = tf.reduce_max(tf.where(negative_mask > 0, logits, -_SELF_SIMILARITY_PENALTY), axis=1, keepdims=True)
-    weights = tf.exp(beta * (logits - largest)) * negative_mask
+    positive_logit = tf.reduce_sum(tf.where(is_positive, logits, 0.0), axis=1)  # (2N,)
+    largest_negative = tf.reduce_max(tf.where(is_negative, logits, -_SELF_SIMILARITY_PENALTY), axis=1)
+    # Every exp is taken relative to the anchor's largest logit c, so none overflows and the largest
+    # term of pos + Ng is exp(0) = 1 (never all underflowing): the scale exp(-c) cancels in
+    # pos / (pos + Ng), and the clamp is scaled alike.
+    shift = tf.stop_gradient(tf.maximum(positive_logit, largest_negative))[:, tf.newaxis]  # (2N, 1)
+    positive = tf.exp(positive_logit - shift[:, 0])
+    negatives = tf.where(is_negative, tf.exp(logits - shift), 0.0)  # (2N, 2M); zero at self and positive
+    # Importance weights neg^beta relative to the anchor's largest negative (<= 1; the scale cancels
+    # in R). Masked in the exponent: exp(beta * (positive - largest)) may overflow to inf, and inf x 0
+    # is NaN (in the value and in the gradient).
+    weights = tf.exp(tf.where(is_negative, beta * (logits - largest_negative[:, tf.newaxis]), -float("inf")))
     if not weights_receive_gradient:
         weights = tf.stop_gradient(weights)
     reweighted = tf.reduce_sum(weights * negatives, axis=1) / (tf.reduce_sum(weights, axis=1) / num_negatives)
     estimate = (reweighted - tau_plus * num_negatives * positive) / (1.0 - tau_plus)
-    estimate = tf.maximum(estimate, num_negatives * tf.exp(-2.0 * inverse_temperature))
-    per_anchor = tf.math.log(positive + estimate) - positive_logit
+    # The reference's clamp Ng >= M exp(-1/tau), in units of exp(c).
+    estimate = tf.maximum(estimate, num_negatives * tf.exp(-1.0 / temperature - shift[:, 0]))
+    per_anchor = tf.math.log(positive + estimate) + shift[:, 0] - positive_logit
     correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), positive_index)
     return tf.reduce_mean(per_anchor), tf.reduce_mean(tf.cast(correct, tf.float32))
 

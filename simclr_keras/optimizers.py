@@ -34,7 +34,8 @@ from keras import ops
 BATCH_NORM_AND_BIAS_NAMES = ("gamma", "beta", "bias")
 
 _LEARNING_RATE_SCALINGS = ("linear", "sqrt")
-_OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
+_OPTIMIZER_NAMES = ("lars", "sgd", "adam", "adamw")
+SCHEDULE_NAMES = ("cosine", "constant")
 
 
 def _is_rank_at_most_one(variable):
@@ -245,6 +246,25 @@ class SGDWithL2(keras.optimizers.SGD):
 
 
 @keras.saving.register_keras_serializable(package="simclr_keras")
+class AdamWithL2(keras.optimizers.Adam):
+    """Keras Adam whose weight decay is coupled L2, as PyTorch's `torch.optim.Adam(weight_decay=...)`.
+
+    g = g + weight_decay * w enters both moment estimates (the debiased and HCL reference code train
+    with it). Keras' own `weight_decay` is decoupled; that is `AdamW`. Exclusions use Keras'
+    `exclude_from_weight_decay(var_list, var_names)`.
+    """
+
+    def _apply_weight_decay(self, variables):
+        # Coupled weight decay happens inside `update_step`.
+        return
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.weight_decay and self._use_weight_decay(variable):
+            gradient = ops.cast(gradient, variable.dtype) + ops.cast(self.weight_decay, variable.dtype) * variable
+        super().update_step(gradient, variable, learning_rate)
+
+
+@keras.saving.register_keras_serializable(package="simclr_keras")
 class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up followed by cosine decay to zero (SimCLR, Section B.1).
 
@@ -301,6 +321,26 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="simclr_keras")
+class WarmupConstant(WarmupCosineDecay):
+    """Linear warm-up, then `base_learning_rate` for ever (the debiased and HCL reference code: Adam at
+    a constant 1e-3, no warm-up). `total_steps` only bounds `warmup_steps`."""
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        base = ops.cast(self.base_learning_rate, "float32")
+        warmup_steps = float(self.warmup_steps)
+        return ops.where(step < warmup_steps, base * step / max(warmup_steps, 1.0), base)
+
+
+def build_schedule(name, base_learning_rate, total_steps, warmup_steps=0):
+    """The learning-rate schedule called `name`: "cosine" (`WarmupCosineDecay`) or "constant" (`WarmupConstant`)."""
+    schedules = {"cosine": WarmupCosineDecay, "constant": WarmupConstant}
+    if name not in schedules:
+        raise ValueError(f"Unknown learning-rate schedule: name={name!r}. Expected one of {list(SCHEDULE_NAMES)}.")
+    return schedules[name](base_learning_rate, total_steps, warmup_steps)
+
+
 def scale_learning_rate(learning_rate, batch_size, scaling):
     """Batch-size scaling of the base learning rate (SimCLR, Appendix B.1).
 
@@ -333,16 +373,18 @@ def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude
       biases are neither decayed nor adapted (official pre-training setup).
     * "sgd": `SGDWithL2`, Keras SGD with Nesterov momentum (the official
       "momentum" optimiser) and coupled L2 weight decay.
+    * "adam": `AdamWithL2`, Adam with coupled L2 weight decay and PyTorch's
+      epsilon 1e-8 (`torch.optim.Adam`, the debiased and HCL reference code).
     * "adamw": Keras AdamW, decoupled weight decay (Loshchilov & Hutter).
 
-    For "sgd" and "adamw" batch-norm gammas/betas and biases are excluded
+    For "sgd", "adam" and "adamw" batch-norm gammas/betas and biases are excluded
     from weight decay by name (`BATCH_NORM_AND_BIAS_NAMES`).
 
     Args:
-        name: "lars", "sgd" or "adamw".
+        name: "lars", "sgd", "adam" or "adamw".
         learning_rate: float or LearningRateSchedule.
         weight_decay: weight-decay coefficient (>= 0).
-        momentum: momentum for "lars" and "sgd" (ignored by "adamw").
+        momentum: momentum for "lars" and "sgd" (ignored by "adam" and "adamw").
         exclude_layers: names of layers whose variables LARS neither decays
             nor adapts, besides batch-norm parameters and biases (the official
             code does this for its supervised head, here the online probe).
@@ -364,6 +406,8 @@ def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude
             nesterov=True,
             weight_decay=float(weight_decay) or None,
         )
+    elif name == "adam":
+        optimizer = AdamWithL2(learning_rate, epsilon=1e-8, weight_decay=float(weight_decay) or None)
     elif name == "adamw":
         optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=float(weight_decay))
     else:

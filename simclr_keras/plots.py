@@ -6,15 +6,17 @@ process are freed with their last reference. The `*_figure` functions return the
 shows it with `display(figure)`); the `save_*` functions write a PNG.
 
 - `training_curves_figure` / `save_training_curves`: loss, learning rate, contrastive accuracy and
-  online probe accuracy of `train_log.jsonl` against the global step (`training_curves.png`).
+  online probe and kNN accuracy of `train_log.jsonl` against the global step (`training_curves.png`).
 - `augmented_pairs_figure` / `save_augmented_pairs`: a few images, each above its two random views
   from a `SimCLRAugmentation` (`augmented_pairs.png`).
 - `confusion_matrix` (the counting) and `confusion_matrix_figure` / `save_confusion_matrix`.
 - `pca_projection` (numpy SVD) and `embedding_figure`: features in 2-D, coloured by class.
+- `study_figure` / `save_study_figure`: a study's accuracy per variation, mean +- std and every seed.
 - `write_run_plots`: what training writes into its model_dir.
 """
 
 import json
+import math
 import os
 
 import matplotlib  # matplotlib.colormaps: the class colours, without pyplot
@@ -35,7 +37,13 @@ _CURVE_PANELS = (
     ("Loss", "loss", [("loss", "contrastive loss"), ("probe_loss", "probe cross-entropy")], None, True),
     ("Learning rate", "learning rate", [("learning_rate", "learning rate")], None, False),
     ("Contrastive accuracy", "accuracy", [("contrastive_accuracy", "positive ranked first")], (0.0, 1.0), True),
-    ("Online linear probe (training batches)", "accuracy", [("probe_accuracy", "probe top-1")], (0.0, 1.0), True),
+    (
+        "Online accuracy",
+        "accuracy",
+        [("probe_accuracy", "linear probe top-1 (training batches)"), ("knn_top1", "kNN top-1 (held-out subset)")],
+        (0.0, 1.0),
+        True,
+    ),
 )
 
 
@@ -85,7 +93,7 @@ def moving_average(values, window):
 
 
 def training_curves_figure(records, title="Training curves"):
-    """Four panels against the global step: loss, learning rate, contrastive and probe accuracy.
+    """Four panels against the global step: loss, learning rate, contrastive and online accuracy.
 
     Logged values are each step's own, so they are noisy: with more than 50 steps each curve is drawn
     faintly with its trailing moving average (window: 1/25 of the steps) on top. A value that the log
@@ -93,7 +101,7 @@ def training_curves_figure(records, title="Training curves"):
 
     Args:
       records: dicts with "step" and any of loss, probe_loss, learning_rate, contrastive_accuracy,
-        probe_accuracy (the lines of train_log.jsonl; see `read_train_log`).
+        probe_accuracy, knn_top1 (the lines of train_log.jsonl; see `read_train_log`).
     """
     if not records:
         raise ValueError("the training log holds no steps to plot.")
@@ -109,7 +117,8 @@ def training_curves_figure(records, title="Training curves"):
             if not points:
                 continue
             steps, values = (np.asarray(column, np.float64) for column in zip(*points))
-            if window > 1 and smoothed:
+            # Sparse values (the kNN monitor's, every N epochs) are drawn as measured.
+            if window > 1 and smoothed and len(steps) > 50:
                 axis.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
                 axis.plot(steps, moving_average(values, window), color=colour, label=f"{label} (mean of {window})")
             else:
@@ -308,6 +317,47 @@ def embedding_figure(points, labels, class_names=None, title="Embeddings", axis_
     if classes.size <= 20:
         axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", markerscale=1.5, frameon=False)
     return figure
+
+
+# --------------------------------------------------------------------------------------
+# A study: accuracy per variation over seeds
+# --------------------------------------------------------------------------------------
+
+
+def study_figure(values, variation_names, metric_names, baseline=None, title="Study"):
+    """One panel per metric: each variation's mean as a bar with +-1 std, and every seed as a dot.
+
+    Args:
+      values: {variation: {metric: [value per seed]}} with accuracies in [0, 1] (drawn as %).
+      variation_names: the bars, in order; baseline: the variation drawn in another colour.
+    """
+    columns = min(len(metric_names), 2)
+    rows = math.ceil(len(metric_names) / columns)
+    figure = _new_figure(max(4.5, 1.0 + 0.9 * len(variation_names)) * columns, 4.2 * rows)
+    figure.suptitle(title)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    positions = np.arange(len(variation_names))
+    for axis, metric in zip(axes.flat, metric_names):
+        for position, name in zip(positions, variation_names):
+            seeds = 100.0 * np.asarray(values.get(name, {}).get(metric, []), np.float64)
+            if seeds.size == 0:
+                continue
+            spread = seeds.std(ddof=1) if seeds.size > 1 else 0.0
+            colour = "tab:orange" if name == baseline else "tab:blue"
+            axis.bar(position, seeds.mean(), yerr=spread, color=colour, alpha=0.6, capsize=4)
+            axis.scatter(np.full(seeds.size, position), seeds, color="black", s=10, zorder=3)
+        axis.set_title(metric)
+        axis.set_ylabel("accuracy (%)")
+        axis.set_xticks(positions, variation_names, rotation=30, ha="right", rotation_mode="anchor")
+        axis.grid(True, axis="y", alpha=0.3)
+    for axis in list(axes.flat)[len(metric_names):]:
+        axis.set_visible(False)
+    return figure
+
+
+def save_study_figure(values, variation_names, metric_names, baseline, output_path, title="Study"):
+    """Writes `study_figure` as a PNG; returns its path."""
+    return _save(study_figure(values, variation_names, metric_names, baseline, title), output_path)
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
       train_log.jsonl      one JSON object per optimizer step
       tensorboard/         TensorBoard scalars by global step
       eval_results.json    the online probe's accuracy after training
+      train.lock           locked (flock) by the training process while it runs, naming its PID
+                           (simclr_keras.run_lock); evaluation and export never lock it
       training_curves.png  loss, learning rate, contrastive and probe accuracy by step (simclr_keras.plots)
       augmented_pairs.png  a few training images, each with two random views from the model's augmenter
 """
@@ -23,6 +25,7 @@ from absl import logging
 MODEL_CONFIG = "model_config.json"
 CLASSES = "classes.json"
 CHECKPOINTS = "checkpoints"
+EVAL_RESULTS = "eval_results.json"
 
 
 def _write_json(path, value, indent=1):
@@ -40,6 +43,11 @@ def save_model_config(model, model_dir):
 def save_class_names(class_names, model_dir, dataset=None):
     """Writes MODEL_DIR/classes.json: {"dataset", "class_names"}, class_names[label] naming each label."""
     _write_json(os.path.join(model_dir, CLASSES), {"dataset": dataset, "class_names": list(class_names)})
+
+
+def save_eval_results(results, model_dir):
+    """Writes MODEL_DIR/eval_results.json (through a rename: a reader never sees half of it)."""
+    _write_json(os.path.join(model_dir, EVAL_RESULTS), results, indent=2)
 
 
 def random_states(model):

@@ -11,7 +11,6 @@ the encoder is then exported as a TF Serving SavedModel (see simclr_keras.export
 pictures (simclr_keras.plots): training_curves.png and augmented_pairs.png.
 """
 
-import json
 import math
 import os
 import shutil
@@ -23,6 +22,8 @@ from absl import app, flags, logging
 from simclr_keras.cli import fail
 from simclr_keras.cli import reject_positional_arguments
 from simclr_keras.cli import warn_about_data
+from simclr_keras.run_lock import RunLock, RunLockedError
+from simclr_keras.write_failure import WRITE_ERRNOS, WriteFailure, error_reason, reporting_write_failure, stop_message
 
 FLAGS = flags.FLAGS
 
@@ -38,8 +39,23 @@ flags.DEFINE_bool("strict_data", False, "Stop on an image-folder file that does 
 # Model
 flags.DEFINE_enum("backbone", "resnet18", ["resnet18", "resnet34", "resnet50"], "Encoder f.")
 flags.DEFINE_float("width_multiplier", 1.0, "Channel width multiplier of the ResNet.")
+flags.DEFINE_bool(
+    "zero_init_residual", True,
+    "Start the last BatchNorm gamma of every residual block at 0, as the official ResNet (init_zero); False: at 1.",
+)
 flags.DEFINE_integer("proj_layers", 2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2.")
 flags.DEFINE_integer("proj_dim", 128, "Output dimension of the projection head.")
+flags.DEFINE_enum(
+    "proj_batch_norm", None, ["all", "hidden", "none"],
+    "Head layers followed by BatchNorm (a bias where none is): all = SimCLR (default for simclr), hidden = "
+    "the debiased/HCL reference code, none = MoCo v2's Linear-ReLU-Linear (default for moco_v2).",
+)
+flags.DEFINE_integer("proj_hidden_dim", 0, "Width of the head's hidden layers; 0: the width of h (official SimCLR).")
+flags.DEFINE_float(
+    "objective_scale", None,
+    "Optimised objective = this x the logged loss (the paper's L). Default: the reference code's, 2 for SimCLR "
+    "(loss_a + loss_b) and symmetric MoCo (the sum of the two directions), 1 for asymmetric MoCo.",
+)
 flags.DEFINE_enum("method", "simclr", ["simclr", "moco_v2"], "simclr, or moco_v2 (momentum key encoder and a queue of negatives).")
 flags.DEFINE_float("temperature", 0.5, "Contrastive temperature (SimCLR: 0.5 CIFAR, 0.1 ImageNet; MoCo v2: 0.2).")
 flags.DEFINE_enum("loss", "nt_xent", ["nt_xent", "hard_negative"], "nt_xent, or hard_negative (HCL; debiased with --hard_negative_beta=0).")
@@ -48,19 +64,31 @@ flags.DEFINE_float("debias_tau_plus", 0.1, "Debiasing class prior tau_plus in [0
 flags.DEFINE_float("moco_momentum", 0.99, "MoCo key encoder momentum (0.99 CIFAR-scale, 0.999 ImageNet).")
 flags.DEFINE_integer("moco_queue_size", 4096, "MoCo queue of negatives (4096 CIFAR, 65536 ImageNet).")
 flags.DEFINE_bool("moco_symmetric", True, "MoCo symmetric loss: both views are queries and keys.")
-flags.DEFINE_integer("moco_key_bn_splits", 8, "MoCo: BatchNorm groups of the shuffled key batch (emulates shuffling BN).")
+flags.DEFINE_integer("moco_bn_splits", 8, "MoCo: BatchNorm groups of each view's batch, query and (shuffled) key encoder alike (emulates per-device BN).")
 flags.DEFINE_bool("freeze_encoder", False, "Train only the online probe on a frozen, randomly initialised encoder (baseline).")
 # Augmentation
 flags.DEFINE_float("color_jitter_strength", 0.5, "Colour distortion strength s (0.5 for CIFAR, 1.0 for ImageNet).")
+flags.DEFINE_enum(
+    "crop_sampler", "tensorflow", ["tensorflow", "torchvision"],
+    "Random crops: 'tensorflow' (tf.image.sample_distorted_bounding_box, the official code's) or 'torchvision' "
+    "(RandomResizedCrop: area uniform, log-uniform aspect ratio, as lightly and solo-learn).",
+)  # fmt: skip
 flags.DEFINE_bool("use_blur", False, "Gaussian blur (on for ImageNet and STL-10, off for CIFAR).")
 # Optimisation
 flags.DEFINE_integer("batch_size", 512, "Global batch size N (2N views per step).")
+flags.DEFINE_integer(
+    "micro_batch_size",
+    None,
+    "SimCLR: encode M images (2M views) at a time, twice, for one exact step over the whole batch (gradient "
+    "caching: large batches in little memory, ~1.3x the step time); must divide the per-replica batch. Unset: one pass.",
+)
 flags.DEFINE_integer("train_epochs", 100, "Pretraining epochs.")
 flags.DEFINE_integer("train_steps", 0, "Pretraining steps; overrides train_epochs when > 0.")
-flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd", "adamw"], "Optimizer.")
+flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd", "adam", "adamw"], "Optimizer (adam: coupled L2 weight decay, as torch.optim.Adam).")
 flags.DEFINE_float("learning_rate", 1.0, "Base learning rate, scaled by lr_scaling.")
 flags.DEFINE_enum("lr_scaling", "linear", ["linear", "sqrt"], "linear: lr*B/256; sqrt: lr*sqrt(B).")
-flags.DEFINE_float("warmup_epochs", 10, "Linear warm-up length in epochs, then cosine decay.")
+flags.DEFINE_float("warmup_epochs", 10, "Linear warm-up length in epochs, then the --lr_schedule.")
+flags.DEFINE_enum("lr_schedule", "cosine", ["cosine", "constant"], "After the warm-up: cosine decay to 0 (SimCLR), or constant.")
 flags.DEFINE_float("weight_decay", 1e-4, "Weight decay (BatchNorm and bias variables excluded).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of LARS and SGD.")
 flags.DEFINE_enum(
@@ -82,6 +110,10 @@ flags.DEFINE_list(
     "profile_steps", [], "FIRST,LAST: record a TensorFlow profile of these global steps into MODEL_DIR/tensorboard."
 )
 flags.DEFINE_string("export_dir", None, "If set, export the encoder for TF Serving to EXPORT_DIR/<next version> after training.")
+flags.DEFINE_integer(
+    "knn_every_n_epochs", 0, "Online kNN monitor: kNN top-1 of --knn_subset eval-split images every N epochs, logged; 0: off."
+)
+flags.DEFINE_integer("knn_subset", 1000, "Online kNN monitor: images of the eval split classified, against as many training images.")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -93,9 +125,11 @@ def _write_flags(path):
 
 
 def _write_plots(model, train_images, class_names, output_dir, seed):
-    """Writes training_curves.png and augmented_pairs.png into the run directory; a failure only warns.
+    """Writes training_curves.png and augmented_pairs.png into the run directory.
 
-    Called once the final checkpoint (and export) is written, so that a picture never costs the run.
+    Called once the final checkpoint (and export) is written, so that a picture never costs the run: a
+    failure only warns, except a location that cannot take the files (a full disk, no permission),
+    which raises WriteFailure, as for every other file of the run.
     """
     try:
         from simclr_keras import plots
@@ -105,8 +139,33 @@ def _write_plots(model, train_images, class_names, output_dir, seed):
         captions = [class_names[label] if 0 <= label < len(class_names) else "" for label in labels.numpy()]
         written = plots.write_run_plots(output_dir, model.augmenter, images.numpy(), captions, seed)
         print(f"plots: {', '.join(sorted(written))} in {output_dir}")
-    except Exception as error:  # matplotlib, fonts, a full disk: none of them may fail a finished run
+    except Exception as error:  # matplotlib, fonts: none of them may fail a finished run
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            raise WriteFailure("the plots", output_dir, error_reason(error)) from error
         print(f"warning: the plots were not written ({type(error).__name__}: {error})", file=sys.stderr)
+
+
+def _knn_monitor(num_classes, steps_per_epoch):
+    """[KnnMonitor] with --knn_every_n_epochs, else []: kNN of --knn_subset eval-split images against
+    as many labelled `train` images."""
+    if not FLAGS.knn_every_n_epochs:
+        return []
+    from simclr_keras import knn_monitor
+
+    if not num_classes:
+        fail(f"--knn_every_n_epochs={FLAGS.knn_every_n_epochs} needs labelled images; --dataset={FLAGS.dataset} has none.")
+    try:
+        memory, memory_labels, queries, query_labels, classes = knn_monitor.load_subsets(
+            FLAGS.dataset, "train", FLAGS.eval_split, FLAGS.image_size, FLAGS.data_dir, FLAGS.knn_subset, FLAGS.strict_data
+        )
+    except ValueError as error:  # DatasetNotFoundError included
+        fail(f"--knn_every_n_epochs: {error}")
+    return [
+        knn_monitor.KnnMonitor(
+            memory, memory_labels, queries, query_labels, steps_per_epoch, FLAGS.knn_every_n_epochs, classes,
+            batch_size=FLAGS.eval_batch_size,
+        )
+    ]  # fmt: skip
 
 
 def _validate():
@@ -136,10 +195,19 @@ def _validate():
         fail("set --train_epochs or --train_steps to a positive number.")
     if not 0 <= FLAGS.moco_momentum < 1:
         fail(f"--moco_momentum must be in [0, 1), got {FLAGS.moco_momentum}.")
-    if FLAGS.moco_queue_size < 1 or FLAGS.moco_key_bn_splits < 1:
-        fail(f"--moco_queue_size and --moco_key_bn_splits must be >= 1, got {FLAGS.moco_queue_size} and {FLAGS.moco_key_bn_splits}.")
+    if FLAGS.moco_queue_size < 1 or FLAGS.moco_bn_splits < 1:
+        fail(f"--moco_queue_size and --moco_bn_splits must be >= 1, got {FLAGS.moco_queue_size} and {FLAGS.moco_bn_splits}.")
+    if FLAGS.objective_scale is not None and not FLAGS.objective_scale > 0:
+        fail(f"--objective_scale must be > 0, got {FLAGS.objective_scale}.")
+    if FLAGS.proj_hidden_dim < 0:
+        fail(f"--proj_hidden_dim must be >= 0 (0: the width of h), got {FLAGS.proj_hidden_dim}.")
     if FLAGS.method == "moco_v2" and FLAGS.loss != "nt_xent":
         fail(f"--loss={FLAGS.loss} applies to --method=simclr; MoCo v2 uses its InfoNCE loss with a queue.")
+    if FLAGS.method == "moco_v2" and FLAGS.micro_batch_size is not None:
+        fail(
+            f"--micro_batch_size={FLAGS.micro_batch_size} applies to --method=simclr; MoCo v2 takes its negatives "
+            "from a queue, not a large batch: leave it unset."
+        )
     if FLAGS.hard_negative_beta < 0:
         fail(f"--hard_negative_beta must be >= 0, got {FLAGS.hard_negative_beta}.")
     if not 0 <= FLAGS.debias_tau_plus < 1:
@@ -155,17 +223,43 @@ def _validate():
     ):
         given = ",".join(FLAGS.profile_steps)
         fail(f"--profile_steps takes FIRST,LAST global steps with 1 <= FIRST <= LAST, e.g. 5,8; got {given!r}.")
+    if FLAGS.knn_every_n_epochs < 0 or FLAGS.knn_subset < 1:
+        fail(f"--knn_every_n_epochs must be >= 0 and --knn_subset >= 1, got {FLAGS.knn_every_n_epochs} and {FLAGS.knn_subset}.")
+    if FLAGS.knn_every_n_epochs and not FLAGS.eval_split:
+        fail(f"--knn_every_n_epochs={FLAGS.knn_every_n_epochs} classifies images of --eval_split, which is empty; pass one.")
     if FLAGS.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
         fail("--strategy=multi_worker needs the TF_CONFIG environment variable (see README, Scaling out).")
 
 
+def _lock_run_directory(model_dir):
+    """Takes the run directory's lock (simclr_keras.run_lock) or ends the command naming its holder.
+
+    Held until this process ends (the kernel drops it even on kill -9), before anything in the
+    directory is read or written: one training process per run.
+    """
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        return RunLock(model_dir).acquire()
+    except RunLockedError as error:
+        fail(
+            f"--model_dir={FLAGS.model_dir} {error.description}; wait for it to end (or stop it), "
+            "or pass another --model_dir."
+        )
+    except OSError as error:
+        fail(f"--model_dir={FLAGS.model_dir} cannot be created or written ({error.strerror}); pass a writable directory.")
+
+
 def run_training():
+    # Before the heavy imports, so that a second process on the same run exits at once. Multi-worker
+    # runs lock on the chief only, once the strategy has said which process that is.
+    run_lock = None if FLAGS.strategy == "multi_worker" else _lock_run_directory(FLAGS.model_dir)
     # Heavy imports after flag parsing, so that --help and flag errors are instant.
     import keras
     import numpy as np
     import tensorflow as tf
 
     from simclr_keras import callbacks, data, distribute, export, optimizers, runs
+    from simclr_keras.models import gradient_cache
     from simclr_keras.models.moco import build_moco
     from simclr_keras.models.simclr import build_simclr
 
@@ -177,6 +271,10 @@ def run_training():
     replicas = strategy.num_replicas_in_sync
     if FLAGS.batch_size % replicas:
         fail(f"--batch_size={FLAGS.batch_size} is not divisible by the {replicas} replicas.")
+    try:
+        gradient_cache.check_micro_batch_size(FLAGS.micro_batch_size, FLAGS.batch_size // replicas)
+    except ValueError as error:
+        fail(f"--{error} (--batch_size={FLAGS.batch_size} over {replicas} replica(s))")
     global_bn = replicas > 1 if FLAGS.global_bn is None else FLAGS.global_bn
     chief = distribute.is_chief(strategy)
     # Other multi-worker workers run the same steps but write their outputs to a scratch directory.
@@ -191,6 +289,8 @@ def run_training():
             pass
     except OSError as error:
         fail(f"--model_dir={FLAGS.model_dir} cannot be created or written ({error.strerror}); pass a writable directory.")
+    if run_lock is None and chief:  # multi-worker: the chief, now that the strategy has named it
+        run_lock = _lock_run_directory(output_dir)
     # Checked now rather than after a long training run.
     if FLAGS.export_dir and chief:
         try:
@@ -221,14 +321,14 @@ def run_training():
     learning_rate = optimizers.scale_learning_rate(FLAGS.learning_rate, FLAGS.batch_size, FLAGS.lr_scaling)
     # A run shorter than its warm-up (a smoke test, --train_steps=3) warms up over the whole run.
     warmup_steps = min(int(round(FLAGS.warmup_epochs * steps_per_epoch)), total_steps)
-    schedule = optimizers.WarmupCosineDecay(learning_rate, total_steps, warmup_steps)
+    schedule = optimizers.build_schedule(FLAGS.lr_schedule, learning_rate, total_steps, warmup_steps)
 
     if FLAGS.method == "moco_v2":
         keys_per_replica = FLAGS.batch_size // replicas * (2 if FLAGS.moco_symmetric else 1)
-        if keys_per_replica % FLAGS.moco_key_bn_splits:
+        if (FLAGS.batch_size // replicas) % FLAGS.moco_bn_splits:
             fail(
-                f"--moco_key_bn_splits={FLAGS.moco_key_bn_splits} must divide the {keys_per_replica} keys each "
-                "replica computes per step (batch per replica, times 2 with --moco_symmetric)."
+                f"--moco_bn_splits={FLAGS.moco_bn_splits} must divide the {FLAGS.batch_size // replicas} images of "
+                "each view that each replica encodes per step (--batch_size / replicas)."
             )
         if FLAGS.moco_queue_size < keys_per_replica * replicas:
             fail(f"--moco_queue_size={FLAGS.moco_queue_size} is smaller than the {keys_per_replica * replicas} keys of one step.")
@@ -246,6 +346,11 @@ def run_training():
         freeze_encoder=FLAGS.freeze_encoder,
         synchronized_batch_norm=global_bn,
         seed=FLAGS.seed,
+        zero_init_residual=FLAGS.zero_init_residual,
+        crop_sampler=FLAGS.crop_sampler,
+        proj_batch_norm=FLAGS.proj_batch_norm or ("none" if FLAGS.method == "moco_v2" else "all"),
+        proj_hidden_dim=FLAGS.proj_hidden_dim or None,
+        objective_scale=FLAGS.objective_scale,
     )
     with strategy.scope():
         if FLAGS.method == "moco_v2":
@@ -253,7 +358,7 @@ def run_training():
                 momentum=FLAGS.moco_momentum,
                 queue_size=FLAGS.moco_queue_size,
                 symmetric=FLAGS.moco_symmetric,
-                key_batch_norm_splits=FLAGS.moco_key_bn_splits,
+                batch_norm_splits=FLAGS.moco_bn_splits,
                 **shared_settings,
             )
         else:
@@ -261,6 +366,7 @@ def run_training():
                 loss=FLAGS.loss,
                 hard_negative_beta=FLAGS.hard_negative_beta,
                 debias_tau_plus=FLAGS.debias_tau_plus,
+                micro_batch_size=FLAGS.micro_batch_size,
                 **shared_settings,
             )
         model.compile(
@@ -283,14 +389,19 @@ def run_training():
                 "run (--flagfile=MODEL_DIR/flags.txt) or a new --model_dir."
             )
     if chief:
-        runs.save_model_config(model, output_dir)
-        runs.save_class_names(train_info.class_names, output_dir, FLAGS.dataset)
-        _write_flags(os.path.join(output_dir, "flags.txt"))
+        with reporting_write_failure("the run's settings (model_config.json, classes.json, flags.txt)", output_dir):
+            runs.save_model_config(model, output_dir)
+            runs.save_class_names(train_info.class_names, output_dir, FLAGS.dataset)
+            _write_flags(os.path.join(output_dir, "flags.txt"))
         print(
             f"{train_info.num_examples} training images ({FLAGS.dataset}:{train_split}), {steps_per_epoch} steps "
             f"per epoch, {total_steps} steps, learning rate {learning_rate:g}, {replicas} replica(s), {precision}"
             + (", global BatchNorm" if global_bn else "")
             + (f", resuming at step {start_step}" if start_step else "")
+        )
+        print(
+            f"logged loss: the paper's (mean over the anchors); optimised objective: {model.objective_scale:g} x it "
+            "(the reference code's)"
         )
 
     # Outside fit: SIGINT/SIGTERM end the run at once (nothing is lost before the first step).
@@ -305,9 +416,11 @@ def run_training():
             epochs=math.ceil(total_steps / steps_per_epoch),
             initial_epoch=start_step // steps_per_epoch,
             steps_per_epoch=steps_per_epoch,
-            callbacks=[
+            # The kNN monitor first: it adds its value to the logs that StepLogger writes.
+            callbacks=_knn_monitor(train_info.num_classes, steps_per_epoch)
+            + [
                 callbacks.StepLogger(
-                    os.path.join(output_dir, "train_log.jsonl"), os.path.join(output_dir, "tensorboard")
+                    os.path.join(output_dir, "train_log.jsonl"), os.path.join(output_dir, "tensorboard"), start_step
                 ),
                 # Before the checkpoint callback, so that a non-finite step is never saved.
                 non_finite,
@@ -350,8 +463,8 @@ def run_training():
             "step": int(model.optimizer.iterations.numpy()),
             **{name: float(np.mean(value)) for name, value in results.items()},
         }
-        with open(os.path.join(output_dir, "eval_results.json"), "w", encoding="utf-8") as file:
-            json.dump(results, file, indent=2)
+        with reporting_write_failure("the evaluation results", os.path.join(output_dir, runs.EVAL_RESULTS)):
+            runs.save_eval_results(results, output_dir)
         if chief:
             print(
                 f"online linear probe on {FLAGS.dataset}:{FLAGS.eval_split} ({eval_info.num_examples} images): "
@@ -359,7 +472,8 @@ def run_training():
             )
     if FLAGS.export_dir:
         # Every worker saves (saving may need collective ops); the others into their scratch space.
-        version_dir = export.export_encoder(model, FLAGS.export_dir if chief else os.path.join(output_dir, "export"))
+        with reporting_write_failure("the export", FLAGS.export_dir):
+            version_dir = export.export_encoder(model, FLAGS.export_dir if chief else os.path.join(output_dir, "export"))
         if chief:
             print(f"exported the encoder to {version_dir}")
     if chief:
@@ -370,13 +484,18 @@ def run_training():
         print(f"worker {strategy.cluster_resolver.task_id}: sum of squared weights {fingerprint:.10e}")
     if not chief:
         shutil.rmtree(output_dir, ignore_errors=True)
+    if run_lock is not None:
+        run_lock.release()
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would bury the progress bar
     reject_positional_arguments(argv)
     _validate()
-    run_training()
+    try:
+        run_training()
+    except WriteFailure as failure:  # a full disk or no permission, anywhere in the run
+        fail(stop_message(failure, os.path.join(FLAGS.model_dir, "checkpoints")))
 
 
 if __name__ == "__main__":

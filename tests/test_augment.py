@@ -269,11 +269,11 @@ def test_flip_probability_one_without_crop_mirrors_exactly():
 # --------------------------------------------------------------------------------------
 
 
-def test_crop_box_statistics():
+def test_torchvision_crop_box_statistics():
     count, side = 4000, 1000
     tops, lefts, heights, widths = (
         value.numpy()
-        for value in augment.sample_crop_boxes(tf.constant([11, 12]), count, side, side)
+        for value in augment.sample_torchvision_crop_boxes(tf.constant([11, 12]), count, side, side)
     )
     assert np.all(tops >= 0) and np.all(lefts >= 0)
     assert np.all(tops + heights <= side) and np.all(lefts + widths <= side)
@@ -302,7 +302,7 @@ def test_crop_box_statistics():
 
 
 def test_crop_box_offsets_cover_every_position():
-    tops, _, heights, _ = augment.sample_crop_boxes(
+    tops, _, heights, _ = augment.sample_torchvision_crop_boxes(
         tf.constant([1, 1]), 3000, 6, 6, area_range=(1 / 36, 1 / 36), aspect_ratio_range=(1, 1)
     )
     np.testing.assert_array_equal(heights.numpy(), 1)
@@ -454,6 +454,7 @@ def test_config_round_trip():
         eval_crop_fraction=0.875,
         seed=42,
         blur_padding="zeros",
+        crop_sampler="torchvision",
         name="views",
     )
     config = layer.get_config()
@@ -474,6 +475,7 @@ def test_config_round_trip():
         "eval_crop_fraction": 0.875,
         "seed": 42,
         "blur_padding": "zeros",
+        "crop_sampler": "torchvision",
         "name": "views",
     }
     for key, value in expected.items():
@@ -496,3 +498,144 @@ def test_model_save_and_load(tmp_path):
     np.testing.assert_allclose(
         restored.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6
     )
+
+
+# --------------------------------------------------------------------------------------
+# Fidelity to the official code (issue 12): crop sampler, evaluation crop, padded batches
+# --------------------------------------------------------------------------------------
+
+
+def two_sample_ks(first, second):
+    """The two-sample Kolmogorov-Smirnov statistic sup |F1 - F2| (scipy is not a dependency)."""
+    first, second = np.sort(first), np.sort(second)
+    grid = np.concatenate([first, second])
+    cdf_first = np.searchsorted(first, grid, side="right") / first.size
+    cdf_second = np.searchsorted(second, grid, side="right") / second.size
+    return float(np.max(np.abs(cdf_first - cdf_second)))
+
+
+def official_crop_boxes(count, height, width):
+    """(top, left, height, width) [count, 4] from tf.image's own op, called as the official code."""
+    boxes = []
+    for index in range(count):
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            [height, width, 3],
+            tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=[index, 12],
+            min_object_covered=0.1,
+            aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+            area_range=(0.08, 1.0),
+            max_attempts=100,
+            use_image_if_no_bounding_boxes=True,
+        )
+        boxes.append(np.concatenate([begin.numpy()[:2], size.numpy()[:2]]))
+    return np.asarray(boxes, np.float64)
+
+
+def box_statistics(boxes, height, width):
+    tops, lefts, heights, widths = boxes.T
+    return {
+        "area": heights * widths / (height * width),
+        "aspect ratio": widths / heights,
+        "relative top": tops / height,
+        "relative left": lefts / width,
+    }
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (64, 64), (24, 96), (375, 500)])
+def test_tensorflow_crop_sampler_has_the_distribution_of_sample_distorted_bounding_box(height, width):
+    count = 4000
+    reference = box_statistics(official_crop_boxes(count, height, width), height, width)
+    ours = np.stack(
+        [value.numpy() for value in augment.sample_crop_boxes(tf.constant([3, 4]), count, height, width)], axis=1
+    ).astype(np.float64)
+    ours = box_statistics(ours, height, width)
+    # At 4000 draws each, a KS statistic above 0.05 has probability < 1e-3 for equal distributions.
+    for name in reference:
+        assert two_sample_ks(reference[name], ours[name]) < 0.05, name
+    if height == width == 64:
+        # The test can tell the samplers apart: torchvision's areas are larger (mean 0.48 vs 0.42).
+        torchvision = augment.sample_crop_boxes(tf.constant([3, 4]), count, height, width, sampler="torchvision")
+        torchvision = np.stack([value.numpy() for value in torchvision], axis=1).astype(np.float64)
+        assert two_sample_ks(reference["area"], box_statistics(torchvision, height, width)["area"]) > 0.05
+
+
+def test_the_layers_views_are_crops_from_the_tensorflow_sampler_by_default():
+    # A 64 x 64 image whose channels are ramps of the row and column index: bicubic resampling
+    # reproduces a linear ramp exactly away from the box border, so each view's interior slope
+    # gives its crop's height (channel 0) and width (channel 1) in pixels.
+    count, side, output = 4000, 64, 16
+    ramp = np.arange(side, dtype=np.float32) / (side - 1)
+    image = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 0.5 * ramp[:, None]), axis=-1)
+    images = tf.constant(np.broadcast_to(image, (count, side, side, 3)))
+    layer = SimCLRAugmentation(output, value_range=(0.0, 1.0), **{k: v for k, v in NOTHING.items() if k not in NO_CROP})
+    assert layer.crop_sampler == "tensorflow"
+    views = layer(images, training=True, seed=tf.constant([9, 9])).numpy()
+    # Output rows 2 and 13 sample 11 / 16 of the box apart, with every tap inside the box.
+    heights = np.rint((views[:, 13, 8, 0] - views[:, 2, 8, 0]) * (side - 1) * output / 11)
+    widths = np.rint((views[:, 8, 13, 1] - views[:, 8, 2, 1]) * (side - 1) * output / 11)
+    reference = box_statistics(official_crop_boxes(count, side, side), side, side)
+    assert two_sample_ks(reference["area"], heights * widths / side**2) < 0.05
+    assert two_sample_ks(reference["aspect ratio"], widths / heights) < 0.05
+    with pytest.raises(ValueError, match="crop_sampler=.*'uniform'"):
+        SimCLRAugmentation(8, crop_sampler="uniform")
+
+
+def official_center_crop(image, size, crop_proportion):
+    """data_util.center_crop of google-research/simclr tf2, written out: image float [H, W, 3]."""
+    height, width = image.shape[0], image.shape[1]
+    # Square output (aspect ratio 1): the box keeps crop_proportion of the shorter side.
+    if 1.0 > width / height:  # requested aspect ratio wider than the image
+        crop_height = int(np.rint(crop_proportion * width))
+        crop_width = int(np.rint(crop_proportion * width))
+    else:
+        crop_height = int(np.rint(crop_proportion * height))
+        crop_width = int(np.rint(crop_proportion * height))
+    top, left = (height - crop_height + 1) // 2, (width - crop_width + 1) // 2
+    crop = image[top : top + crop_height, left : left + crop_width]
+    return tf.image.resize(crop[None], [size, size], method="bicubic")[0]
+
+
+@pytest.mark.parametrize("output_size,crop_proportion", [(40, 0.875), (32, 1.0), (24, 1.0)])
+def test_evaluation_view_is_the_official_center_crop_above_32_pixels(output_size, crop_proportion):
+    # data.py's test_crop: CROP_PROPORTION = 0.875 above 32 px; CIFAR-sized outputs keep the image.
+    images = random_uint8((2, 48, 64, 3), seed=5)
+    layer = SimCLRAugmentation(output_size)
+    assert layer.eval_crop_fraction == crop_proportion
+    unit = tf.cast(images, tf.float32) / 255.0
+    expected = tf.stack([official_center_crop(image, output_size, crop_proportion) for image in unit])
+    assert max_difference(layer(images, training=False), tf.clip_by_value(expected, 0.0, 1.0)) < 1e-5
+
+
+def padded_batch(images):
+    """{"images", "image_shapes"} of a list of uint8 [H, W, 3] arrays, each in a top-left corner."""
+    height = max(image.shape[0] for image in images)
+    width = max(image.shape[1] for image in images)
+    canvas = np.zeros((len(images), height, width, 3), np.uint8)
+    for index, image in enumerate(images):
+        canvas[index, : image.shape[0], : image.shape[1]] = image
+    shapes = np.asarray([image.shape[:2] for image in images], np.int32)
+    return {"images": tf.constant(canvas), "image_shapes": tf.constant(shapes)}
+
+
+def test_padded_batch_views_use_each_images_own_pixels():
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((48, 64, 3), (70, 36, 3), (40, 40, 3))]
+    batch = padded_batch(images)
+    layer = SimCLRAugmentation(40)
+    expected = tf.stack(
+        [official_center_crop(tf.cast(image, tf.float32) / 255.0, 40, 0.875) for image in images]
+    )
+    assert max_difference(layer(batch, training=False), tf.clip_by_value(expected, 0.0, 1.0)) < 1e-5
+    # Whole-image "crops" (area 1, aspect ratio of each image allowed) are each image resized alone.
+    whole = SimCLRAugmentation(16, crop_area_range=(1.0, 1.0), aspect_ratio_range=(0.5, 2.0), **{
+        key: value for key, value in NOTHING.items() if key not in NO_CROP
+    })
+    views = whole(batch, training=True, seed=tf.constant([1, 2]))
+    for view, image in zip(views, images):
+        reference = tf.clip_by_value(tf_bicubic(tf.cast(image, tf.float32)[None] / 255.0, (16, 16))[0], 0.0, 1.0)
+        assert max_difference(view, reference) < 1e-5
+    # Padded batches compile with XLA and give the eager views.
+    compiled = tf.function(lambda x, s: layer(x, training=True, seed=s), jit_compile=True)
+    seed = tf.constant([7, 8])
+    assert max_difference(compiled(batch, seed), layer(batch, training=True, seed=seed)) < 1e-4

@@ -135,7 +135,8 @@ def test_layer_settings(resnet18_cifar):
         assert layer.momentum == pytest.approx(0.9)
         assert layer.epsilon == pytest.approx(1e-5)
         assert not layer.synchronized
-        np.testing.assert_array_equal(layer.gamma.numpy(), 1.0)
+        # zero_init_residual (default): only the batch norm closing each residual branch starts at 0.
+        np.testing.assert_array_equal(layer.gamma.numpy(), 0.0 if layer.name.endswith("_bn2") else 1.0)
     for layer in _layers_of_type(resnet18_cifar, keras.layers.Conv2D):
         assert not layer.use_bias
 
@@ -145,12 +146,12 @@ def test_synchronized_batch_norm_and_zero_gamma_options():
         depth=18,
         image_size=16,
         synchronized_batch_norm=True,
-        zero_initialize_residual_gamma=True,
+        zero_init_residual=False,
     )
     batch_norms = _layers_of_type(model, keras.layers.BatchNormalization)
     assert all(layer.synchronized for layer in batch_norms)
-    np.testing.assert_array_equal(model.get_layer("group1_block1_bn2").gamma.numpy(), 0.0)
-    np.testing.assert_array_equal(model.get_layer("group1_block1_bn1").gamma.numpy(), 1.0)
+    for layer in batch_norms:  # torchvision's default: every gamma at one
+        np.testing.assert_array_equal(layer.gamma.numpy(), 1.0)
     images = np.random.uniform(size=(2, 16, 16, 3)).astype("float32")
     assert tuple(model(images, training=True).shape) == (2, 512)
 
@@ -172,7 +173,7 @@ def test_mixed_precision_output_is_float32():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"depth": 101}, "depth=101"),
+        ({"depth": 200}, "depth=200"),
         ({"depth": 18, "width_multiplier": 0}, "width_multiplier=0"),
         ({"depth": 18, "stem": "tiny"}, "stem='tiny'"),
         ({"depth": 18, "image_size": 0}, "image_size=0"),
@@ -181,6 +182,51 @@ def test_mixed_precision_output_is_float32():
 def test_bad_arguments_raise_value_error(arguments, message):
     with pytest.raises(ValueError, match=message):
         resnet(**arguments)
-    if "depth" in arguments and arguments["depth"] == 101:
-        with pytest.raises(ValueError, match="depth=101"):
-            backbone_output_dim(101)
+    if "depth" in arguments and arguments["depth"] == 200:
+        with pytest.raises(ValueError, match="depth=200"):
+            backbone_output_dim(200)
+
+
+def _residual_branch_batch_norms(model):
+    """The official rule read off the graph: the batch norm whose output enters each block's Add
+    through the residual branch, not the shortcut (tf2/resnet.py: BatchNormRelu(init_zero=True))."""
+    closing = set()
+    for layer in _layers_of_type(model, keras.layers.Add):
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                source = tensor._keras_history.operation
+                if isinstance(source, keras.layers.BatchNormalization) and "shortcut" not in source.name:
+                    closing.add(source.name)
+    return closing
+
+
+@pytest.mark.parametrize("depth, sk_ratio", [(18, 0.0), (50, 0.0), (50, 0.0625)])
+def test_zero_init_residual_follows_the_official_rule(depth, sk_ratio):
+    model = resnet(depth=depth, width_multiplier=0.125, image_size=64, selective_kernel_ratio=sk_ratio)
+    closing = _residual_branch_batch_norms(model)
+    assert len(closing) == sum({18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth])  # one per block
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            np.testing.assert_array_equal(layer.gamma.numpy(), 0.0 if layer.name in closing else 1.0, err_msg=layer.name)
+    # So every block starts as ReLU(shortcut): the output of a block without projection is its input.
+    block = "group1_block2"
+    probe = keras.Model(model.input, [model.get_layer("group1_block1_out").output, model.get_layer(f"{block}_out").output])
+    images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype("float32")
+    block_input, block_output = probe(images, training=False)
+    np.testing.assert_allclose(block_output, block_input, atol=1e-6)
+    for layer in _layers_of_type(resnet(depth=depth, width_multiplier=0.125, image_size=64, zero_init_residual=False,
+                                        selective_kernel_ratio=sk_ratio), keras.layers.BatchNormalization):
+        np.testing.assert_array_equal(layer.gamma.numpy(), 1.0)
+
+
+def test_zero_init_residual_reaches_the_training_flag():
+    from simclr_keras import train  # noqa: F401  (defines the flags)
+    from absl import flags
+
+    assert flags.FLAGS["zero_init_residual"].default is True
+    from simclr_keras.models.simclr import build_simclr
+
+    model = build_simclr(image_size=16, width_multiplier=0.125, zero_init_residual=False)
+    np.testing.assert_array_equal(model.encoder.get_layer("group1_block1_bn2").gamma.numpy(), 1.0)
+    model = build_simclr(image_size=16, width_multiplier=0.125)
+    np.testing.assert_array_equal(model.encoder.get_layer("group1_block1_bn2").gamma.numpy(), 0.0)

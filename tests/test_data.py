@@ -55,7 +55,10 @@ def test_folder_images_decode_to_the_files_pixels_and_resize(small_folder, tmp_p
         assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
         np.testing.assert_array_equal(image, tf.io.decode_png(tf.io.read_file(path)).numpy())
 
-    resized, _ = data.load_images(f"folder:{small_folder}", "test", image_size=4)
+    # The view size resizes nothing (crops come from the original pixels); max_source_size caps.
+    native, _ = data.load_images(f"folder:{small_folder}", "test", image_size=4)
+    np.testing.assert_array_equal(next(iter(native))[0].numpy(), images[0])
+    resized, _ = data.load_images(f"folder:{small_folder}", "test", image_size=4, max_source_size=4)
     image = next(iter(resized))[0].numpy()
     assert image.shape == (4, 4, 3)
     # A 2x downscale with antialiasing averages 2x2 blocks (approximately, the bicubic filter is wider).
@@ -129,4 +132,79 @@ def test_tfds_cifar10_and_stl10_unlabelled_through_mock_data():
         split = data.default_pretraining_split("stl10")
         dataset, info = data.load_images("stl10", split, image_size=32, max_examples=5)
         images, _ = next(iter(dataset.batch(5)))
-        assert split == "train+unlabelled" and images.shape == (5, 32, 32, 3)
+        # STL-10 stays at its own 96 px: the views are cropped from it, as in the official code.
+        assert split == "train+unlabelled" and images.shape == (5, 96, 96, 3)
+
+
+# --------------------------------------------------------------------------------------
+# Crops from the full-resolution image (issue 12, item 4)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def large_photos(tmp_path):
+    """train/<class>/0.png: three noise images of 24000 pixels each, none square, one per class."""
+    rng = np.random.default_rng(4)
+    originals = {}
+    for name, shape in (("wide", (120, 200)), ("tall", (160, 150)), ("long", (100, 240))):
+        originals[name] = rng.integers(0, 256, (*shape, 3), np.uint8)
+        _write_png(str(tmp_path / "train" / name / "0.png"), originals[name])
+    return tmp_path, [originals[name] for name in sorted(originals)]  # label order: sorted class names
+
+
+def _block_positions(original, block):
+    """The (top, left) positions where `block` appears verbatim in `original`."""
+    size = block.shape[0]
+    candidates = np.argwhere(np.all(original[: original.shape[0] - size + 1, : original.shape[1] - size + 1] == block[0, 0], axis=-1))
+    return [(top, left) for top, left in candidates if np.array_equal(original[top : top + size, left : left + size], block)]
+
+
+def _official_center_crop(image, size, crop_proportion=0.875):
+    """google-research/simclr tf2 data_util.center_crop for a square output, written out."""
+    height, width = image.shape[:2]
+    side = int(np.rint(crop_proportion * min(height, width)))
+    top, left = (height - side + 1) // 2, (width - side + 1) // 2
+    crop = tf.cast(image[top : top + side, left : left + side], tf.float32)[None] / 255.0
+    return tf.clip_by_value(tf.image.resize(crop, [size, size], method="bicubic"), 0.0, 1.0)[0].numpy()
+
+
+@pytest.mark.parametrize("cache_limit_bytes", [data.DEFAULT_CACHE_LIMIT_BYTES, 0])
+def test_views_of_large_non_square_images_are_cut_from_their_original_pixels(large_photos, cache_limit_bytes):
+    from simclr_keras.augment import SimCLRAugmentation
+
+    root, originals = large_photos
+    images, info = data.load_images(f"folder:{root}", "train", image_size=64, cache_limit_bytes=cache_limit_bytes)
+    assert info.padded and info.image_shape == (160, 240)
+    assert (info.decoded is None) == (cache_limit_bytes == 0)  # in memory, or streamed from the files
+    # Crops of 4096 of the 24000 pixels at aspect ratio 1 are 64 x 64: resized to 64 px they are
+    # the original pixels, verbatim. Squashing an image to 64 x 64 first would make them 26 px
+    # crops of a resampled copy, upsampled.
+    augmenter = SimCLRAugmentation(
+        64, crop_area_range=(4096 / 24000, 4096 / 24000), aspect_ratio_range=(1.0, 1.0), crop_sampler="torchvision",
+        flip_probability=0.0, color_jitter_probability=0.0, grayscale_probability=0.0,
+    )  # fmt: skip
+    batch, labels = next(iter(data.training_batches(images, info, 3, 64, cache_limit_bytes=cache_limit_bytes)))
+    for seed in range(3):
+        views = augmenter(batch, training=True, seed=tf.constant([seed, 1])).numpy()
+        for view, label in zip(views, labels.numpy()):
+            block = np.rint(view * 255.0).astype(np.uint8)
+            assert np.abs(view * 255.0 - block).max() < 1e-3
+            assert len(_block_positions(originals[label], block)) == 1
+    # The evaluation view is the official centre crop (87.5% above 32 px) of each original image.
+    batch, labels = next(iter(data.evaluation_batches(images, info, 3, 64, cache_limit_bytes=cache_limit_bytes)))
+    views = SimCLRAugmentation(64)(batch, training=False).numpy()
+    for view, label in zip(views, labels.numpy()):
+        assert np.abs(view - _official_center_crop(originals[label], 64)).max() < 1e-5
+
+
+def test_images_above_max_source_size_are_downscaled_keeping_their_aspect_ratio(large_photos):
+    root, originals = large_photos
+    images, info = data.load_images(f"folder:{root}", "train", image_size=32, max_source_size=60)
+    elements = list(images.as_numpy_iterator())
+    for (element, label) in elements:
+        height, width = element["image_shapes"]
+        original_height, original_width = originals[label].shape[:2]
+        assert max(height, width) == 60
+        assert abs(height / width - original_height / original_width) < 0.02
+    with pytest.raises(ValueError, match="max_source_size=0"):
+        data.load_images(f"folder:{root}", "train", image_size=32, max_source_size=0)

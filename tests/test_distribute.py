@@ -180,6 +180,8 @@ def test_two_workers_on_loopback_train_to_identical_weights(cifar10_500, tmp_pat
     with open(tmp_path / "run" / "train_log.jsonl", encoding="utf-8") as file:
         assert [json.loads(line)["step"] for line in file] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "ckpt-2.index").exists()
+    # Only the chief took the run directory's lock (a second holder would have failed to start).
+    assert json.loads((tmp_path / "run" / "train.lock").read_text())["pid"] == workers[0].pid
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 

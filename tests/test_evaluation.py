@@ -417,3 +417,29 @@ def test_bad_flags_end_in_one_line_without_traceback():
         last_line = stderr.strip().splitlines()[-1]
         assert last_line.startswith("error: ") and message in last_line, (flags, last_line)
         assert "Traceback" not in stderr, flags
+
+
+def test_cli_linear_protocol_official_is_named_in_the_json_and_the_printed_line(tiny_run, tmp_path):
+    # The official protocol: raw features (no standardisation) of crop-and-flip views, new each epoch.
+    data_dir, model_dir = tiny_run
+    for protocol, augment, standardize in (("official", True, False), ("features", False, True)):
+        output = tmp_path / f"{protocol}.json"
+        result = evaluate(
+            f"--model_dir={model_dir}", f"--dataset=folder:{data_dir}", f"--output={output}", "--eval_batch_size=250",
+            "--protocol=linear", f"--linear_protocol={protocol}", "--epochs=1", "--label_fraction=0.2",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        results = json.loads(output.read_text())
+        assert results["linear_protocol"] == protocol
+        assert (results["linear_augment"], results["standardize_features"]) == (augment, standardize)
+        assert f"linear[{protocol}] (1 epochs" in result.stdout
+    result = evaluate(f"--model_dir={model_dir}", f"--dataset=folder:{data_dir}", "--linear_protocol=paper")
+    assert result.returncode != 0 and "--linear_protocol must be one of features, official, got 'paper'" in result.stderr
+
+
+def test_cli_knn_on_a_head_layer(tiny_run, tmp_path):
+    data_dir, model_dir = tiny_run
+    results = evaluate_to_json(data_dir, f"--model_dir={model_dir}", tmp_path / "head.json", "--protocol=knn", "--head_layer=1")
+    assert results["head_layer"] == 1
+    result = evaluate(f"--model_dir={model_dir}", f"--dataset=folder:{data_dir}", "--protocol=knn", "--head_layer=9")
+    assert result.returncode != 0 and "--head_layer=9: head_layer must be an integer in [0, 2]" in result.stderr

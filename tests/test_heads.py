@@ -203,3 +203,34 @@ def test_checkpoint_round_trip_restores_every_head_variable(tmp_path):
     tf.train.Checkpoint(head=restored).restore(path).assert_consumed()
     for original, loaded in zip(head.weights, restored.weights):
         np.testing.assert_array_equal(original.numpy(), loaded.numpy())
+
+
+def test_hidden_batch_norm_head_is_the_debiased_and_hcl_reference_head():
+    # Reference (chingyaoc/DCL and joshr17/HCL model.py): Linear(2048, 512, bias=False), BatchNorm1d,
+    # ReLU, Linear(512, 128, bias=True). Here 12 -> 6 -> 4, in training mode (batch statistics).
+    head = ProjectionHead(num_layers=2, hidden_dim=6, output_dim=4, batch_norm="hidden")
+    inputs = np.random.default_rng(3).normal(size=(10, 12)).astype("float32")
+    head.build(inputs.shape)
+    first, second = head.dense_layers
+    assert (first.use_bias, second.use_bias) == (False, True)
+    assert head.batch_norm_layers[1] is None and head.batch_norm_layers[0].center
+    hidden = inputs.astype("float64") @ first.kernel.numpy()
+    hidden = (hidden - hidden.mean(axis=0)) / np.sqrt(hidden.var(axis=0) + EPSILON)  # gamma 1, beta 0
+    expected = np.maximum(hidden, 0.0) @ second.kernel.numpy() + second.bias.numpy()
+    outputs = keras.ops.convert_to_numpy(head(inputs, training=True))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
+    clone = ProjectionHead.from_config(head.get_config())
+    assert clone.batch_norm == "hidden"
+
+
+def test_heads_without_full_batch_norm_start_as_pytorch_linear_layers():
+    head = ProjectionHead(num_layers=2, hidden_dim=400, output_dim=300, batch_norm="none")
+    head.build((None, 100))
+    for dense, fan_in in zip(head.dense_layers, (100, 400)):
+        bound = 1.0 / np.sqrt(fan_in)  # torch.nn.Linear: kernel and bias uniform in +-1/sqrt(fan_in)
+        for values in (dense.kernel.numpy(), dense.bias.numpy()):
+            assert np.abs(values).max() <= bound
+            assert np.abs(values).max() > 0.95 * bound
+            assert values.std() == pytest.approx(bound / np.sqrt(3.0), rel=0.1)
+    with pytest.raises(ValueError, match=r"batch_norm='output'"):
+        ProjectionHead(batch_norm="output")

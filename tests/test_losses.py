@@ -199,3 +199,48 @@ def test_hard_negative_weights_gradient_option_changes_only_the_gradient():
         gradients.append(tape.gradient(loss, z1).numpy())
     assert values[0] == pytest.approx(values[1], rel=1e-6)
     assert not np.allclose(gradients[0], gradients[1])
+
+
+def reference_hard_negative_loss_float64(z1, z2, temperature, beta, tau_plus):
+    """The HCL reference code's criterion (joshr17/HCL image/main.py, estimator "hard"), vectorised in
+    float64 TensorFlow so that its gradient can be taken: exp(600) is still finite in float64."""
+    n = z1.shape[0]
+    out = tf.math.l2_normalize(tf.concat([z1, z2], axis=0), axis=1)  # (2N, D)
+    similarities = tf.exp(tf.matmul(out, out, transpose_b=True) / temperature)  # (2N, 2N)
+    index = np.arange(2 * n)
+    mask = np.ones((2 * n, 2 * n), bool)
+    mask[index, index] = False  # self
+    mask[index, (index + n) % (2 * n)] = False  # positive
+    neg = tf.reshape(tf.boolean_mask(similarities, mask), [2 * n, -1])  # (2N, 2N - 2)
+    pos = tf.exp(tf.reduce_sum(out[:n] * out[n:], axis=1) / temperature)
+    pos = tf.concat([pos, pos], axis=0)
+    count = 2 * n - 2
+    importance = tf.exp(beta * tf.math.log(neg))
+    reweighted = tf.reduce_sum(importance * neg, axis=1) / tf.reduce_mean(importance, axis=1)
+    estimate = (-tau_plus * count * pos + reweighted) / (1 - tau_plus)
+    estimate = tf.maximum(estimate, count * math.exp(-1 / temperature))
+    return tf.reduce_mean(-tf.math.log(pos / (pos + estimate)))
+
+
+@pytest.mark.parametrize("temperature,beta", [(0.1, 20.0), (0.1, 50.0), (0.05, 30.0), (0.02, 10.0)])
+def test_hard_negative_loss_and_gradient_stay_finite_at_extreme_beta_and_temperature(temperature, beta):
+    # Close views (positives 0.88-0.99) and negatives down to 0.15 below: for some anchors
+    # exp(beta * (positive - largest negative) / temperature) overflows float32 (exp(88) is its largest).
+    rng = np.random.default_rng(11)
+    z1 = rng.normal(size=(6, 4)).astype(np.float32)
+    z2 = (z1 + 0.3 * rng.normal(size=(6, 4))).astype(np.float32)
+    tau_plus = 0.1
+    z1_variable, z2_variable = tf.Variable(z1), tf.Variable(z2)
+    with tf.GradientTape() as tape:
+        loss = losses.hard_negative_nt_xent(z1_variable, z2_variable, temperature, beta=beta, tau_plus=tau_plus)
+    gradients = tape.gradient(loss, [z1_variable, z2_variable])
+    reference_inputs = [tf.Variable(z.astype(np.float64)) for z in (z1, z2)]
+    with tf.GradientTape() as tape:
+        expected = reference_hard_negative_loss_float64(*reference_inputs, temperature, beta, tau_plus)
+    expected_gradients = tape.gradient(expected, reference_inputs)
+    assert math.isfinite(float(expected))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        assert np.all(np.isfinite(gradient.numpy()))
+        scale = np.abs(expected_gradient.numpy()).max()
+        np.testing.assert_allclose(gradient.numpy(), expected_gradient.numpy(), atol=1e-3 * scale)

@@ -20,7 +20,7 @@ def tiny_moco(**overrides):
     keras.utils.set_random_seed(1)
     settings = dict(
         image_size=IMAGE_SIZE, width_multiplier=0.125, proj_dim=8, num_classes=3, queue_size=40,
-        key_batch_norm_splits=4, momentum=0.9, seed=1,
+        batch_norm_splits=4, momentum=0.9, seed=1,
     )
     model = build_moco(**{**settings, **overrides})
     model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
@@ -72,8 +72,9 @@ def test_key_network_starts_equal_and_follows_by_momentum():
         np.testing.assert_allclose(key.numpy(), 0.9 * start + 0.1 * query.numpy(), rtol=1e-5, atol=1e-6)
         moved += not np.allclose(query.numpy(), start)
     assert moved > 0
-    # The key network takes no gradient steps.
-    assert not model.key_encoder.trainable_weights and not model.key_projection_head.trainable_weights
+    # The key network takes no gradient steps: the optimizer never sees its variables.
+    key_variables = {id(v) for v in model.key_encoder.weights + model.key_projection_head.weights}
+    assert not key_variables & {id(v) for v in model.trained_variables}
 
 
 def test_queue_fills_with_normalised_keys_and_survives_a_checkpoint(tmp_path):
@@ -96,16 +97,16 @@ def test_queue_fills_with_normalised_keys_and_survives_a_checkpoint(tmp_path):
 
 
 def test_keys_are_unshuffled_back_to_their_images():
-    model = tiny_moco(key_batch_norm_splits=1)  # one BatchNorm group: keys must not depend on order
+    model = tiny_moco(batch_norm_splits=1)  # one BatchNorm group: keys must not depend on order
     views = tf.constant(np.random.default_rng(3).uniform(size=(8, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
     direct = model.key_projection_head(model.key_encoder(views, training=True), training=True)
-    np.testing.assert_allclose(model._keys(views), tf.math.l2_normalize(direct, axis=1), atol=1e-5)
+    np.testing.assert_allclose(model._keys(views, num_views=1), tf.math.l2_normalize(direct, axis=1), atol=1e-5)
 
 
 def test_config_round_trip_and_asymmetric_training():
     model = tiny_moco(symmetric=False)
     clone = type(model).from_config(model.get_config())
-    assert (clone.momentum, clone.queue_size, clone.symmetric, clone.key_batch_norm_splits) == (0.9, 40, False, 4)
+    assert (clone.momentum, clone.queue_size, clone.symmetric, clone.batch_norm_splits) == (0.9, 40, False, 4)
     history = model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
     assert math.isfinite(history.history["loss"][0]) and int(model.queue_pointer.numpy()) == 8
 
@@ -113,7 +114,7 @@ def test_config_round_trip_and_asymmetric_training():
 @pytest.mark.parametrize(
     "method_flags",
     [
-        ["--method=moco_v2", "--temperature=0.2", "--moco_queue_size=256", "--moco_key_bn_splits=4"],
+        ["--method=moco_v2", "--temperature=0.2", "--moco_queue_size=256", "--moco_bn_splits=4"],
         ["--loss=hard_negative", "--hard_negative_beta=1.0", "--debias_tau_plus=0.1"],
         ["--loss=hard_negative", "--hard_negative_beta=0", "--debias_tau_plus=0.1"],
     ],
@@ -147,3 +148,108 @@ def test_moco_flag_errors(cifar10_500, tmp_path):
     assert result.returncode == 1
     assert "error: --moco_queue_size=16 is smaller than the 64 keys of one step." in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def float_views(n=8, seed=3):
+    return tf.constant(np.random.default_rng(seed).uniform(size=(n, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
+
+
+def test_key_network_normalises_with_batch_statistics_like_the_query_network():
+    # A head with BatchNorm too (MoCo's own has none), so that the head's BatchNorm is checked as well.
+    model = tiny_moco(batch_norm_splits=1, proj_batch_norm="all")
+    views = float_views()
+    for query_layer, key_layer, inputs in [
+        (model.encoder, model.key_encoder, views),
+        (model.projection_head, model.key_projection_head, model.encoder(views, training=False)),
+    ]:
+        key_training = key_layer(inputs, training=True).numpy()
+        # At initialisation the key network is the query network: same outputs with batch statistics...
+        np.testing.assert_allclose(key_training, query_layer(inputs, training=True).numpy(), rtol=1e-5, atol=1e-5)
+        # ...and not those of its inference mode (moving statistics 0 and 1), which trainable=False would give.
+        assert not np.allclose(key_training, key_layer(inputs, training=False).numpy(), atol=1e-3)
+    # Its moving statistics follow its own forward passes during training.
+    key_batch_norm = next(layer for layer in model.key_encoder.layers if "bn" in layer.name)
+    model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
+    assert not np.allclose(key_batch_norm.moving_mean.numpy(), 0.0)
+
+
+def test_query_and_key_encoders_normalise_each_group_of_each_view_separately():
+    model = tiny_moco(batch_norm_splits=2)  # per view: 8 images in 2 groups of 4
+    views = tf.concat([float_views(seed=3), float_views(seed=4)], axis=0)  # (16, S, S, 3): two view batches
+
+    def project(encoder, head, images):  # one group alone: Keras' own BatchNorm on its statistics
+        return head(encoder(images, training=True), training=True).numpy()
+
+    projection, _ = model._project(model.encoder, model.projection_head, views, num_views=2)
+    expected = np.concatenate(
+        [project(model.encoder, model.projection_head, views[start : start + 4]) for start in range(0, 16, 4)]
+    )
+    np.testing.assert_allclose(projection.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    # Keys: the same groups, drawn from each view's shuffled images; recover the shuffle from the seed.
+    state = model.shuffle_seed_generator.state.numpy()
+    keys = model._keys(views, num_views=2).numpy()
+    model.shuffle_seed_generator.state.assign(state)
+    draws = keras.random.uniform([16], seed=model.shuffle_seed_generator).numpy()
+    order = np.concatenate([np.argsort(draws[:8]), 8 + np.argsort(draws[8:])])
+    expected = np.zeros_like(keys)
+    for start in range(0, 16, 4):
+        rows = order[start : start + 4]
+        group = project(model.key_encoder, model.key_projection_head, tf.gather(views, rows))
+        expected[rows] = group / np.linalg.norm(group, axis=1, keepdims=True)
+    np.testing.assert_allclose(keys, expected, rtol=1e-4, atol=1e-5)
+    # Whole-batch statistics would give other keys: the groups matter.
+    whole = project(model.key_encoder, model.key_projection_head, views)
+    assert not np.allclose(keys, whole / np.linalg.norm(whole, axis=1, keepdims=True), atol=1e-3)
+
+
+def demo_objective(model, view1, view2):
+    """The MoCo CIFAR-10 demo's symmetric loss, loss_12 + loss_21 (one BatchNorm group per view)."""
+
+    def contrastive_loss(query_images, key_images):
+        q = tf.math.l2_normalize(model.projection_head(model.encoder(query_images, training=True), training=True), 1)
+        k = model.key_projection_head(model.key_encoder(key_images, training=True), training=True)
+        k = tf.stop_gradient(tf.math.l2_normalize(k, 1))
+        l_pos = tf.reduce_sum(q * k, axis=1, keepdims=True)  # (N, 1)
+        l_neg = tf.matmul(q, model.queue, transpose_b=True)  # (N, K)
+        logits = tf.concat([l_pos, l_neg], axis=1) / model.temperature
+        labels = tf.zeros(tf.shape(logits)[0], tf.int32)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+    return contrastive_loss(view1, view2) + contrastive_loss(view2, view1)
+
+
+def test_one_sgd_step_descends_the_demos_sum_of_both_directions():
+    from fixed_views import AlternatingViews
+
+    model = tiny_moco(batch_norm_splits=1, num_classes=None)
+    model.augmenter = AlternatingViews()
+    learning_rate = 0.5
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate))
+    images = batch()[0]
+    variables = model.trained_variables
+    initial = [v.numpy().copy() for v in variables]
+    with tf.GradientTape() as tape:
+        objective = demo_objective(model, *AlternatingViews.views(images))
+    gradients = tape.gradient(objective, variables)
+    logs = model.train_on_batch(images, return_dict=True)
+    assert logs["loss"] == pytest.approx(float(objective) / 2, rel=1e-5)  # the log: the mean of the two
+    for variable, start, gradient in zip(variables, initial, gradients):
+        expected_step = -learning_rate * gradient.numpy()
+        np.testing.assert_allclose(
+            variable.numpy() - start, expected_step, rtol=1e-3, atol=1e-3 * np.abs(expected_step).max(),
+            err_msg=variable.path,
+        )
+
+
+def test_moco_head_is_moco_v2s_linear_relu_linear_with_biases():
+    model = tiny_moco()
+    head = model.projection_head
+    assert head.batch_norm == "none" and all(layer is None for layer in head.batch_norm_layers)
+    assert all(dense.use_bias for dense in head.dense_layers)
+    features = np.random.default_rng(6).normal(size=(5, model.representation_shape[-1])).astype(np.float32)
+    first, second = head.dense_layers
+    expected = np.maximum(features @ first.kernel.numpy() + first.bias.numpy(), 0.0)
+    expected = expected @ second.kernel.numpy() + second.bias.numpy()
+    for training in (True, False):  # no BatchNorm: both modes are the same map
+        np.testing.assert_allclose(head(features, training=training).numpy(), expected, rtol=1e-5, atol=1e-6)

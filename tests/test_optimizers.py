@@ -13,9 +13,12 @@ import tensorflow as tf
 
 from simclr_keras.optimizers import (
     LARS,
+    AdamWithL2,
     SGDWithL2,
+    WarmupConstant,
     WarmupCosineDecay,
     build_optimizer,
+    build_schedule,
     scale_learning_rate,
 )
 
@@ -373,6 +376,48 @@ def test_build_optimizer_adamw_decoupled_weight_decay_excludes_bias_and_batch_no
     np.testing.assert_allclose(gamma, 1.0)
 
 
+def torch_adam_steps(weight, gradients, learning_rate, weight_decay, beta_1=0.9, beta_2=0.999, epsilon=1e-8):
+    """`torch.optim.Adam(weight_decay=...)` by hand in float64: L2 joins the gradient before both moments."""
+    weight = weight.astype(np.float64)
+    first, second = np.zeros_like(weight), np.zeros_like(weight)
+    for step, gradient in enumerate(gradients, start=1):
+        gradient = gradient + weight_decay * weight
+        first = beta_1 * first + (1 - beta_1) * gradient
+        second = beta_2 * second + (1 - beta_2) * gradient**2
+        corrected_first, corrected_second = first / (1 - beta_1**step), second / (1 - beta_2**step)
+        weight = weight - learning_rate * corrected_first / (np.sqrt(corrected_second) + epsilon)
+    return weight
+
+
+def test_build_optimizer_adam_is_torch_adam_with_coupled_l2_and_excludes_bias_and_batch_norm():
+    optimizer = build_optimizer("adam", 1e-3, weight_decay=0.3)
+    assert isinstance(optimizer, AdamWithL2) and not isinstance(optimizer, keras.optimizers.AdamW)
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert isinstance(restored, AdamWithL2) and restored.weight_decay == 0.3
+    (kernel, bias, gamma), (kernel_value, bias_value, gamma_value) = _variables(seed=4)
+    gradients = [_gradients(seed=5), _gradients(seed=6)]
+    for step_gradients in gradients:
+        optimizer.apply(step_gradients, [kernel, bias, gamma])
+    steps = list(zip(*gradients))
+    np.testing.assert_allclose(kernel.numpy(), torch_adam_steps(kernel_value, steps[0], 1e-3, 0.3), rtol=1e-5)
+    # BatchNorm gammas and biases: Adam without the L2 term.
+    np.testing.assert_allclose(bias.numpy(), torch_adam_steps(bias_value, steps[1], 1e-3, 0.0), rtol=1e-5)
+    np.testing.assert_allclose(gamma.numpy(), torch_adam_steps(gamma_value, steps[2], 1e-3, 0.0), rtol=1e-5)
+
+
+def test_constant_schedule_after_warmup():
+    schedule = build_schedule("constant", 1e-3, total_steps=100, warmup_steps=10)
+    assert isinstance(schedule, WarmupConstant)
+    values = [float(schedule(step)) for step in (0, 5, 10, 50, 100, 1000)]
+    np.testing.assert_allclose(values, [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    assert float(build_schedule("constant", 1e-3, total_steps=100)(0)) == pytest.approx(1e-3)
+    assert isinstance(build_schedule("cosine", 1e-3, total_steps=100), WarmupCosineDecay)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert isinstance(restored, WarmupConstant) and float(restored(50)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match=r"name='step'.*'cosine', 'constant'"):
+        build_schedule("step", 1e-3, total_steps=100)
+
+
 def test_build_optimizer_unknown_name():
-    with pytest.raises(ValueError, match=r"name='adam'.*'lars', 'sgd', 'adamw'"):
-        build_optimizer("adam", 0.1)
+    with pytest.raises(ValueError, match=r"name='adagrad'.*'lars', 'sgd', 'adam', 'adamw'"):
+        build_optimizer("adagrad", 0.1)

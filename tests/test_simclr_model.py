@@ -150,3 +150,77 @@ def test_mixed_precision_trains_with_float32_loss_and_weights(policy):
     assert all(w.dtype == "float32" for w in model.trainable_weights)
     if policy == "mixed_float16":  # float16 gradients need loss scaling, which compile adds
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def official_objective(hidden, temperature):
+    """google-research/simclr tf2/objective.py `add_contrastive_loss` (hidden_norm=True, one replica):
+    loss_a + loss_b, each the mean softmax cross-entropy of one view's anchors."""
+    large_num = 1e9
+    hidden = tf.math.l2_normalize(hidden, -1)
+    hidden1, hidden2 = tf.split(hidden, 2, 0)
+    n = tf.shape(hidden1)[0]
+    labels = tf.one_hot(tf.range(n), n * 2)
+    masks = tf.one_hot(tf.range(n), n)
+    logits_aa = tf.matmul(hidden1, hidden1, transpose_b=True) / temperature - masks * large_num
+    logits_bb = tf.matmul(hidden2, hidden2, transpose_b=True) / temperature - masks * large_num
+    logits_ab = tf.matmul(hidden1, hidden2, transpose_b=True) / temperature
+    logits_ba = tf.matmul(hidden2, hidden1, transpose_b=True) / temperature
+    loss_a = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels, tf.concat([logits_ab, logits_aa], 1)))
+    loss_b = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels, tf.concat([logits_ba, logits_bb], 1)))
+    return loss_a + loss_b
+
+
+def official_lars_step(weight, gradient, learning_rate, weight_decay, eta, excluded):
+    """One step of the official tf2/lars_optimizer.py from a zero momentum buffer, in float64 numpy:
+    weight decay joins the gradient before the trust ratio; BatchNorm parameters and biases get neither."""
+    weight, gradient = weight.astype(np.float64), gradient.astype(np.float64)
+    if not excluded:
+        gradient = gradient + weight_decay * weight
+    trust_ratio = 1.0
+    if not excluded:
+        weight_norm, gradient_norm = np.linalg.norm(weight), np.linalg.norm(gradient)
+        if weight_norm > 0 and gradient_norm > 0:
+            trust_ratio = eta * weight_norm / gradient_norm
+    velocity = learning_rate * trust_ratio * gradient  # momentum x 0 + scaled gradient
+    return weight - velocity
+
+
+def test_one_lars_step_is_the_official_update_of_the_official_objective():
+    from fixed_views import AlternatingViews
+
+    keras.utils.set_random_seed(3)
+    model = SimCLR(
+        encoder=tiny_encoder(),
+        projection_head=ProjectionHead(num_layers=2, output_dim=16),
+        augmenter=AlternatingViews(),
+        temperature=0.5,
+    )
+    # A weight decay large enough that weight_decay * w is as large as the convolution's gradient:
+    # then where it enters (before the trust ratio) and the objective's scale both change the step.
+    learning_rate, weight_decay, eta = 0.5, 3.0, 0.001
+    model.compile(optimizer=LARS(learning_rate, momentum=0.9, weight_decay=weight_decay, eta=eta))
+    images = batch(8, labels=False)
+    variables = model.trained_variables
+    initial = [v.numpy().copy() for v in variables]
+
+    # The official objective and its gradient on the same views and weights (batch statistics).
+    view1, view2 = AlternatingViews.views(images)
+    with tf.GradientTape() as tape:
+        hidden = model.projection_head(model.encoder(tf.concat([view1, view2], 0), training=True), training=True)
+        objective = official_objective(hidden, 0.5)
+    gradients = tape.gradient(objective, variables)
+    expected = [
+        official_lars_step(w, g.numpy(), learning_rate, weight_decay, eta, excluded=len(w.shape) <= 1)
+        for w, g in zip(initial, gradients)
+    ]
+
+    logs = model.train_on_batch(images, return_dict=True)
+    # The log reports the paper's L, half the official objective.
+    assert logs["loss"] == pytest.approx(float(objective) / 2, rel=1e-5)
+    for variable, start, value in zip(variables, initial, expected):
+        # The step itself, to float32 rounding of the two gradients (different reduction orders).
+        expected_step = value - start
+        np.testing.assert_allclose(
+            variable.numpy() - start, expected_step, rtol=1e-3, atol=1e-3 * np.abs(expected_step).max(),
+            err_msg=variable.path,
+        )

@@ -12,7 +12,8 @@ takes `images`, uint8 [batch, height, width, 3] of any height and width, and app
 evaluation preprocessing inside the graph (`SimCLRAugmentation(training=False)`: centre crop,
 bicubic resize to the training size, scale to [0, 1]), so clients send raw pixels. It returns
 `embeddings`, the representation h (float32 [batch, D]), and `projections`, g(h) (float32
-[batch, proj_dim]).
+[batch, proj_dim]); an export written with `head_layer=K` also returns `head_layer_K`, the output
+of the projection head's K-th layer (SimCLR v2's `ft_proj_selector` features).
 
 `load_encoder` rebuilds a trainable `keras.Model` with the same input convention (uint8 images of
 any size -> h) from the configs in assets.extra/ and the SavedModel's variables, so that the
@@ -35,6 +36,12 @@ SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "images"
 EMBEDDINGS = "embeddings"
 PROJECTIONS = "projections"
+
+
+def head_layer_output_name(head_layer):
+    """The signature output holding the projection head's `head_layer`-th layer."""
+    return f"head_layer_{head_layer}"
+
 # assets.extra/ is the SavedModel folder for files that TF Serving and tf.saved_model.load ignore.
 METADATA_PATH = os.path.join("assets.extra", "simclr_keras.json")
 
@@ -57,7 +64,7 @@ class _ServingModule(tf.Module):
     (`load_encoder`). The augmenter is not tracked: its evaluation path has no variables.
     """
 
-    def __init__(self, encoder, projection_head, augmenter):
+    def __init__(self, encoder, projection_head, augmenter, head_layer=None):
         super().__init__(name="simclr_encoder")
         self.encoder_variables = _variables_by_path(encoder)
         self.projection_head_variables = _variables_by_path(projection_head)
@@ -68,10 +75,14 @@ class _ServingModule(tf.Module):
             embeddings = encoder(views, training=False)  # (B, D)
             projections = projection_head(embeddings, training=False)  # (B, proj_dim)
             # Encoder and head return float32 under any dtype policy; the casts pin the signature.
-            return {
+            outputs = {
                 EMBEDDINGS: tf.cast(embeddings, tf.float32),
                 PROJECTIONS: tf.cast(projections, tf.float32),
             }
+            if head_layer:
+                layer_output = projection_head(embeddings, training=False, head_layer=head_layer)
+                outputs[head_layer_output_name(head_layer)] = tf.cast(layer_output, tf.float32)
+            return outputs
 
         self.serve = serve
 
@@ -102,7 +113,7 @@ def resolve_version_dir(path):
     return version_dir
 
 
-def export_encoder(model, export_dir):
+def export_encoder(model, export_dir, head_layer=None):
     """Writes the encoder of a SimCLR model to export_dir/<n>, n one above the highest version there.
 
     The SavedModel is written to a temporary folder inside export_dir first (a name TF Serving
@@ -113,18 +124,24 @@ def export_encoder(model, export_dir):
       model: a `simclr_keras.SimCLR` (anything with `encoder`, `projection_head` and `augmenter`),
         e.g. from `build_simclr` or `simclr_keras.runs.load_model`.
       export_dir: TF Serving's model base path; created if missing.
+      head_layer: K >= 1 adds the signature output `head_layer_K`, the projection head's K-th layer
+        in inference mode (SimCLR v2 fine-tunes from K = 1 of a 3-layer head); None: none.
 
     Returns:
       The path of the new version folder, export_dir/<n>.
     """
+    if head_layer is not None:
+        model.projection_head._check_head_layer(head_layer)  # the ValueError names the valid range
     os.makedirs(export_dir, exist_ok=True)
     staging_dir = tempfile.mkdtemp(prefix=".export-", dir=export_dir)
     try:
-        module = _ServingModule(model.encoder, model.projection_head, model.augmenter)
+        module = _ServingModule(model.encoder, model.projection_head, model.augmenter, head_layer)
         tf.saved_model.save(module, staging_dir, signatures={SIGNATURE_NAME: module.serve})
         metadata = {
             "encoder": keras.saving.serialize_keras_object(model.encoder),
             "augmenter": keras.saving.serialize_keras_object(model.augmenter),
+            "projection_head": keras.saving.serialize_keras_object(model.projection_head),
+            "head_layer": head_layer,
         }
         os.makedirs(os.path.join(staging_dir, os.path.dirname(METADATA_PATH)), exist_ok=True)
         with open(os.path.join(staging_dir, METADATA_PATH), "w", encoding="utf-8") as file:
@@ -179,7 +196,7 @@ class EvaluationPreprocessing(keras.layers.Layer):
         return config
 
 
-def load_encoder(path):
+def load_encoder(path, head_layer=0):
     """The exported encoder as a trainable `keras.Model`: uint8 images of any size -> h, float32 [B, D].
 
     Inside, the evaluation preprocessing (`EvaluationPreprocessing`: centre crop, bicubic resize to
@@ -193,9 +210,14 @@ def load_encoder(path):
     with `trainable = False` on the encoder for a frozen one (its BatchNorm then also stays in
     inference mode) or left trainable for fine-tuning. The model saves to `.keras`.
 
+    With `head_layer` K > 0 the model continues through the first K layers of the exported
+    projection head (trainable, with its BatchNorm), and returns the K-th layer's output: SimCLR
+    v2's starting point for fine-tuning (`ft_proj_selector`).
+
     Args:
       path: a version folder written by `export_encoder` (EXPORT_DIR/<n>), or EXPORT_DIR itself
         for its highest version.
+      head_layer: 0 (h) or a layer of the projection head, 1 to its number of layers.
 
     Raises:
       FileNotFoundError: path holds no SavedModel, or one not written by `export_encoder`.
@@ -210,12 +232,28 @@ def load_encoder(path):
     with open(metadata_path, encoding="utf-8") as file:
         metadata = json.load(file)
     encoder = keras.saving.deserialize_keras_object(metadata["encoder"])
-    # The SavedModel's variables are a checkpoint of _ServingModule; the head's are not needed.
+    parts = {"encoder_variables": _variables_by_path(encoder)}
+    head = None
+    if head_layer:
+        if "projection_head" not in metadata:
+            raise FileNotFoundError(
+                f"{version_dir} was exported without its projection head's config; head_layer={head_layer} "
+                "needs an export written by this version of simclr_keras.export_encoder."
+            )
+        head = keras.saving.deserialize_keras_object(metadata["projection_head"])
+        head._check_head_layer(head_layer)
+        if not head.built:  # the serialized config usually carries its build shape
+            head.build((None, int(encoder.output.shape[-1])))
+        parts["projection_head_variables"] = _variables_by_path(head)
+    # The SavedModel's variables are a checkpoint of _ServingModule; the head's only when needed.
     # read(), unlike restore(), adds no save counter that the SavedModel would lack.
-    tf.train.Checkpoint(encoder_variables=_variables_by_path(encoder)).read(
+    tf.train.Checkpoint(**parts).read(
         os.path.join(version_dir, "variables", "variables")
     ).expect_partial().assert_existing_objects_matched()
 
     images = keras.Input(shape=(None, None, 3), dtype="uint8", name=INPUT_NAME)
     views = EvaluationPreprocessing(metadata["augmenter"], name="preprocessing")(images)  # (B, S, S, 3)
-    return keras.Model(images, encoder(views), name="simclr_encoder")
+    features = encoder(views)
+    if head is not None:
+        features = head(features, head_layer=head_layer)
+    return keras.Model(images, features, name="simclr_encoder")

@@ -18,6 +18,7 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model_dir", None, "Training run (the --model_dir of simclr_keras.train) whose latest checkpoint is exported.")
 flags.DEFINE_string("export_dir", None, "TF Serving model base path; the encoder is written to EXPORT_DIR/<next version>.")
+flags.DEFINE_integer("head_layer", 0, "Also return `head_layer_K`, the projection head's K-th layer (SimCLR v2); 0: no extra output.")
 
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
@@ -35,7 +36,9 @@ def main(argv):
     except FileNotFoundError as error:
         fail(f"--model_dir={FLAGS.model_dir} cannot be exported: {error}")
     try:
-        version_dir = export.export_encoder(model, FLAGS.export_dir)
+        version_dir = export.export_encoder(model, FLAGS.export_dir, FLAGS.head_layer or None)
+    except ValueError as error:
+        fail(f"--head_layer={FLAGS.head_layer}: {error}")
     except OSError as error:
         fail(f"--export_dir={FLAGS.export_dir} cannot be written ({error.strerror or error}); pass a writable directory.")
     print(f"exported the encoder of {FLAGS.model_dir} to {version_dir}")

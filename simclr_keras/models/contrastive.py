@@ -41,6 +41,10 @@ class ContrastiveModel(keras.Model):
         BatchNorm statistics still adapt): the randomly-initialised-encoder baseline.
       synchronized_batch_norm: the probe standardises features with global-batch statistics (give
         the encoder and head synchronized BatchNorm too: the `build_*` functions do).
+      objective_scale: the optimised objective is objective_scale x the logged `loss` (the paper's
+        L), so that it is the reference code's: official SimCLR minimises loss_a + loss_b, twice L
+        (`SimCLR`'s default 2); MoCo's CIFAR-10 demo sums the two directions (`MoCo`). With LARS or
+        coupled L2 weight decay this is not a mere rescaling: weight decay enters beside the gradient.
     """
 
     def __init__(
@@ -52,9 +56,18 @@ class ContrastiveModel(keras.Model):
         num_classes=None,
         freeze_encoder=False,
         synchronized_batch_norm=False,
+        objective_scale=1.0,
         **kwargs,
     ):
+        micro_batch_size = kwargs.pop("micro_batch_size", None)  # SimCLR's argument, taken before this point
+        if micro_batch_size is not None:
+            raise ValueError(
+                f"micro_batch_size applies to SimCLR only, got micro_batch_size={micro_batch_size!r} for "
+                f"{type(self).__name__}, whose negatives come from a queue, not a large batch: leave it unset."
+            )
         super().__init__(**kwargs)
+        if not objective_scale > 0:
+            raise ValueError(f"objective_scale must be > 0, got {objective_scale!r}.")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}.")
         if num_classes is not None and num_classes < 2:
@@ -68,6 +81,7 @@ class ContrastiveModel(keras.Model):
         self.num_classes = num_classes
         self.freeze_encoder = bool(freeze_encoder)
         self.synchronized_batch_norm = bool(synchronized_batch_norm)
+        self.objective_scale = float(objective_scale)
         self.probe = (
             LinearProbe(num_classes, synchronized_batch_norm=synchronized_batch_norm, name="linear_probe")
             if num_classes
@@ -132,10 +146,7 @@ class ContrastiveModel(keras.Model):
 
         with tf.GradientTape() as tape:
             contrastive_loss, contrastive_accuracy, representation, state = self.contrastive_forward(view1, view2)
-            total_loss = contrastive_loss
-            if self.probe is not None and labels is not None:
-                probe_logits = self.probe(tf.stop_gradient(representation), training=True)
-                total_loss += self._update_probe_metrics(labels, probe_logits, reset=True)
+            total_loss = self._objective(contrastive_loss, representation, labels)
             # Keras sums gradients over replicas; each replica's loss is its share of the global mean.
             replica_loss = total_loss / tf.distribute.get_strategy().num_replicas_in_sync
             scaled_loss = self.optimizer.scale_loss(replica_loss)
@@ -144,7 +155,25 @@ class ContrastiveModel(keras.Model):
         learning_rate = self.optimizer.learning_rate  # the rate this step uses, before the update
         self.optimizer.apply_gradients(zip(gradients, variables))
         self.after_optimizer_step(state)
+        return self._step_logs(contrastive_loss, contrastive_accuracy, learning_rate)
 
+    def _objective(self, contrastive_loss, representation, labels):
+        """What the optimizer minimises: objective_scale x the contrastive loss, plus the probe's loss.
+
+        The one place where the logged loss (the paper's) becomes the reference code's objective;
+        every train step (the plain one, SimCLR's micro-batched one) goes through it.
+        """
+        return self.objective_scale * contrastive_loss + self._probe_loss(representation, labels)
+
+    def _probe_loss(self, representation, labels):
+        """The online probe's loss on stop_gradient(h) [N, D] (0 without probe or labels); updates its trackers."""
+        if self.probe is None or labels is None:
+            return 0.0
+        probe_logits = self.probe(tf.stop_gradient(representation), training=True)
+        return self._update_probe_metrics(labels, probe_logits, reset=True)
+
+    def _step_logs(self, contrastive_loss, contrastive_accuracy, learning_rate):
+        """This step's logs (the trackers hold the step's values, not running means)."""
         for tracker, value in [
             (self.loss_tracker, contrastive_loss),
             (self.contrastive_accuracy_tracker, contrastive_accuracy),
@@ -202,6 +231,7 @@ class ContrastiveModel(keras.Model):
                 "num_classes": self.num_classes,
                 "freeze_encoder": self.freeze_encoder,
                 "synchronized_batch_norm": self.synchronized_batch_norm,
+                "objective_scale": self.objective_scale,
             }
         )
         return config
@@ -224,11 +254,16 @@ def build_components(
     use_blur=False,
     synchronized_batch_norm=False,
     seed=None,
+    proj_batch_norm="all",
+    proj_hidden_dim=None,
+    zero_init_residual=True,
+    crop_sampler="tensorflow",
 ):
     """(encoder, projection head, augmenter) from the settings of the command line and configs/.
 
     `backbone` is "resnet18", "resnet34" or "resnet50"; the stem is chosen from `image_size` (CIFAR
-    stem at 32 px and below).
+    stem at 32 px and below). `proj_batch_norm` and `proj_hidden_dim` are the head's `batch_norm`
+    and `hidden_dim` (see `heads.ProjectionHead`).
     """
     depths = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
     if backbone not in depths:
@@ -238,15 +273,19 @@ def build_components(
         width_multiplier=width_multiplier,
         image_size=image_size,
         synchronized_batch_norm=synchronized_batch_norm,
+        zero_init_residual=zero_init_residual,
         name="encoder",
     )
     head = ProjectionHead(
         num_layers=proj_layers,
+        hidden_dim=proj_hidden_dim,
         output_dim=proj_dim,
         synchronized_batch_norm=synchronized_batch_norm,
+        batch_norm=proj_batch_norm,
         name="projection_head",
     )
     augmenter = SimCLRAugmentation(
-        image_size, color_jitter_strength=color_jitter_strength, use_blur=use_blur, seed=seed, name="augmenter"
+        image_size, color_jitter_strength=color_jitter_strength, use_blur=use_blur, seed=seed,
+        crop_sampler=crop_sampler, name="augmenter",
     )
     return encoder, head, augmenter

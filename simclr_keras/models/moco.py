@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_keras.batch_norm import batch_norm_groups
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.contrastive import ContrastiveModel, build_components
 
@@ -56,15 +57,23 @@ class MoCo(ContrastiveModel):
     variable (so checkpoints hold it and a resumed run continues it). Keys from every replica are
     enqueued, oldest first.
 
-    With `symmetric=True` (the MoCo CIFAR-10 demo and solo-learn's default) both views serve as
-    queries and as keys and the two losses are averaged, and both views' keys are enqueued; with
-    False, view 1 is the query and view 2 the key, as in the original paper.
+    The key network is kept out of the optimizer (`trained_variables`), not made non-trainable: in
+    Keras 3 `trainable=False` would also run its BatchNorm layers in inference mode. It runs in
+    training mode, as in MoCo: BatchNorm normalises keys with batch statistics, and its moving
+    statistics follow its own forward passes (they are not copied from the query network).
+
+    With `symmetric=True` (the MoCo CIFAR-10 demo's option, solo-learn's default) both views serve
+    as queries and as keys, and both views' keys are enqueued; with False, view 1 is the query and
+    view 2 the key, as in the original paper. The logged `loss` is the mean InfoNCE over the queries
+    (of both directions); the optimised objective is `objective_scale` times it, by default the
+    demo's sum of the two directions (2) when symmetric, the loss itself (1) when not.
 
     BatchNorm must not let a query find its key through batch statistics (MoCo's "shuffling BN").
-    Here the keys are computed on a shuffled batch split into `key_batch_norm_splits` groups, each
-    normalised with its own statistics, so a key's BatchNorm group has no relation to its query's —
-    the single-device emulation of shuffling BN used by the MoCo authors' CIFAR-10 demo (SplitBatchNorm
-    there), and the same code on every replica under tf.distribute. With synchronized BatchNorm each
+    As in the MoCo authors' CIFAR-10 demo (SplitBatchNorm, its single-device emulation of per-GPU
+    BatchNorm), each view's batch of N images is normalised in `batch_norm_splits` groups of
+    N / splits, each with its own statistics, by the query encoder as by the key encoder; the keys'
+    groups are drawn from a shuffled batch, so that a key's group has no relation to its query's.
+    The same code runs on every replica under tf.distribute; with synchronized BatchNorm each
     group's statistics are gathered over the replicas' corresponding groups.
 
     Args:
@@ -73,7 +82,9 @@ class MoCo(ContrastiveModel):
       queue_size: number of queued negatives K (4096 for CIFAR, 65536 for ImageNet); it must hold at
         least the keys of one step.
       symmetric: symmetric loss (see above).
-      key_batch_norm_splits: groups of the key encoder's BatchNorm (1: the whole batch).
+      batch_norm_splits: BatchNorm groups of each view's batch, in the query and the key encoder
+        (1: the whole view batch; the demo's `--bn-splits`, 8).
+      objective_scale: the optimised objective over the logged loss; None: 2 if symmetric else 1.
       **kwargs: `ContrastiveModel`'s (encoder, projection_head, augmenter, num_classes, ...).
     """
 
@@ -84,22 +95,26 @@ class MoCo(ContrastiveModel):
         momentum=0.99,
         queue_size=4096,
         symmetric=True,
-        key_batch_norm_splits=8,
+        batch_norm_splits=8,
+        objective_scale=None,
         **kwargs,
     ):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size!r}.")
-        if key_batch_norm_splits < 1:
-            raise ValueError(f"key_batch_norm_splits must be >= 1, got {key_batch_norm_splits!r}.")
-        super().__init__(*args, temperature=temperature, **kwargs)
+        if isinstance(batch_norm_splits, bool) or not isinstance(batch_norm_splits, int) or batch_norm_splits < 1:
+            raise ValueError(f"batch_norm_splits must be an integer >= 1, got {batch_norm_splits!r}.")
+        if objective_scale is None:
+            objective_scale = 2.0 if symmetric else 1.0  # the demo sums the two directions' losses
+        super().__init__(*args, temperature=temperature, objective_scale=objective_scale, **kwargs)
         self.momentum = float(momentum)
         self.queue_size = int(queue_size)
         self.symmetric = bool(symmetric)
-        self.key_batch_norm_splits = int(key_batch_norm_splits)
+        self.batch_norm_splits = batch_norm_splits
 
-        # The key network: same architecture, same initial weights, never trained by gradient.
+        # The key network: same architecture, same initial weights, never trained by gradient (it is
+        # left out of `trained_variables`; still `trainable`, so that its BatchNorm uses batch statistics).
         self.key_encoder = self.encoder.__class__.from_config({**self.encoder.get_config(), "name": "key_encoder"})
         self.key_projection_head = ProjectionHead.from_config(
             {**self.projection_head.get_config(), "name": "key_projection_head"}
@@ -107,8 +122,6 @@ class MoCo(ContrastiveModel):
         self.key_projection_head.build(self.representation_shape)
         self.key_encoder.set_weights(self.encoder.get_weights())
         self.key_projection_head.set_weights(self.projection_head.get_weights())
-        self.key_encoder.trainable = False
-        self.key_projection_head.trainable = False
         # Draws the key batch's shuffle; its state is a model variable, so resumed runs continue it.
         self.shuffle_seed_generator = keras.random.SeedGenerator(0, name="key_shuffle_seed")
 
@@ -140,15 +153,31 @@ class MoCo(ContrastiveModel):
         key = self.key_encoder.weights + self.key_projection_head.weights
         return [(q, k) for q, k in zip(query, key) if q.trainable]
 
-    def _keys(self, views):
-        """L2-normalised key projections [M, D] of views [M, S, S, 3], with shuffled BatchNorm groups."""
+    @property
+    def trained_variables(self):
+        """The optimizer's variables: the query network's (and the probe's), never the key network's."""
+        key_variables = {id(v) for v in self.key_encoder.weights + self.key_projection_head.weights}
+        return [v for v in super().trained_variables if id(v) not in key_variables]
+
+    def _project(self, encoder, head, views, num_views):
+        """Projections [V*N, D] of `num_views` stacked view batches [V*N, S, S, 3], in training mode,
+        each view's N images normalised in `batch_norm_splits` BatchNorm groups; and h [V*N, F]."""
+        with batch_norm_groups([encoder, head], num_views * self.batch_norm_splits):
+            representation = encoder(views, training=True)
+            return head(representation, training=True), representation
+
+    def _keys(self, views, num_views):
+        """L2-normalised keys [V*N, D] of `num_views` stacked view batches, through shuffled BatchNorm groups.
+
+        Each view's images are shuffled among themselves (as the demo shuffles each key batch), then
+        split into groups by `_project`, then put back in their order.
+        """
         count = tf.shape(views)[0]
-        order = tf.argsort(keras.random.uniform([count], seed=self.shuffle_seed_generator))
-        groups = tf.split(tf.gather(views, order), self.key_batch_norm_splits, axis=0)
-        keys = tf.concat(
-            [self.key_projection_head(self.key_encoder(group, training=True), training=True) for group in groups],
-            axis=0,
-        )
+        draws = keras.random.uniform([count], seed=self.shuffle_seed_generator)
+        per_view = tf.reshape(draws, [num_views, -1])  # (V, N)
+        offsets = tf.range(num_views)[:, None] * tf.shape(per_view)[1]
+        order = tf.reshape(tf.argsort(per_view, axis=1) + offsets, [-1])  # a permutation within each view
+        keys, _ = self._project(self.key_encoder, self.key_projection_head, tf.gather(views, order), num_views)
         # Undo the shuffle: the key of views[i] goes back to row i.
         keys = tf.scatter_nd(order[:, None], keys, tf.shape(keys))
         return tf.stop_gradient(tf.math.l2_normalize(keys, axis=1))
@@ -157,19 +186,21 @@ class MoCo(ContrastiveModel):
         batch_size = tf.shape(view1)[0]
         queue = tf.convert_to_tensor(self.queue)
         if self.symmetric:
-            representation = self.encoder(tf.concat([view1, view2], axis=0), training=True)  # (2N, D)
-            queries = tf.math.l2_normalize(self.projection_head(representation, training=True), axis=1)
-            keys = self._keys(tf.concat([view1, view2], axis=0))
+            views = tf.concat([view1, view2], axis=0)  # (2N, S, S, 3)
+            projection, representation = self._project(self.encoder, self.projection_head, views, num_views=2)
+            queries = tf.math.l2_normalize(projection, axis=1)  # (2N, D)
+            keys = self._keys(views, num_views=2)
             q1, q2 = queries[:batch_size], queries[batch_size:]
             k1, k2 = keys[:batch_size], keys[batch_size:]
             loss12, accuracy12 = moco_loss_with_accuracy(q1, k2, queue, self.temperature)
             loss21, accuracy21 = moco_loss_with_accuracy(q2, k1, queue, self.temperature)
+            # The logged mean over the queries; objective_scale (2) makes the optimised one their sum.
             loss, accuracy = (loss12 + loss21) / 2, (accuracy12 + accuracy21) / 2
             new_keys = tf.concat([k1, k2], axis=0)
         else:
-            representation = self.encoder(view1, training=True)
-            queries = tf.math.l2_normalize(self.projection_head(representation, training=True), axis=1)
-            new_keys = self._keys(view2)
+            projection, representation = self._project(self.encoder, self.projection_head, view1, num_views=1)
+            queries = tf.math.l2_normalize(projection, axis=1)
+            new_keys = self._keys(view2, num_views=1)
             loss, accuracy = moco_loss_with_accuracy(queries, new_keys, queue, self.temperature)
         return loss, accuracy, representation[:batch_size], new_keys
 
@@ -190,10 +221,17 @@ class MoCo(ContrastiveModel):
                 "momentum": self.momentum,
                 "queue_size": self.queue_size,
                 "symmetric": self.symmetric,
-                "key_batch_norm_splits": self.key_batch_norm_splits,
+                "batch_norm_splits": self.batch_norm_splits,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "key_batch_norm_splits" in config:  # its name before the groups applied to the queries too
+            config["batch_norm_splits"] = config.pop("key_batch_norm_splits")
+        return super().from_config(config)
 
 
 def build_moco(
@@ -211,13 +249,23 @@ def build_moco(
     momentum=0.99,
     queue_size=4096,
     symmetric=True,
-    key_batch_norm_splits=8,
+    batch_norm_splits=8,
     seed=None,
+    proj_batch_norm="none",
+    proj_hidden_dim=None,
+    objective_scale=None,
+    zero_init_residual=True,
+    crop_sampler="tensorflow",
 ):
-    """A MoCo v2 model from the settings of the command line (and of configs/moco_v2_cifar10.flags)."""
+    """A MoCo v2 model from the settings of the command line (and of configs/moco_v2_cifar10.flags).
+
+    The head defaults to MoCo v2's own (`proj_batch_norm="none"`: Linear-ReLU-Linear with biases,
+    no BatchNorm; `main_moco.py --mlp`), not SimCLR's.
+    """
     encoder, head, augmenter = build_components(
         image_size, backbone, width_multiplier, proj_layers, proj_dim, color_jitter_strength, use_blur,
-        synchronized_batch_norm, seed,
+        synchronized_batch_norm, seed, proj_batch_norm, proj_hidden_dim, zero_init_residual=zero_init_residual,
+        crop_sampler=crop_sampler,
     )
     return MoCo(
         encoder=encoder,
@@ -230,6 +278,7 @@ def build_moco(
         momentum=momentum,
         queue_size=queue_size,
         symmetric=symmetric,
-        key_batch_norm_splits=key_batch_norm_splits,
+        batch_norm_splits=batch_norm_splits,
+        objective_scale=objective_scale,
         name="moco",
     )

@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from simclr_keras import losses
+from simclr_keras.models import gradient_cache
 from simclr_keras.models.contrastive import ContrastiveModel, build_components
 
 CONTRASTIVE_LOSSES = ("nt_xent", "hard_negative")
@@ -22,31 +23,59 @@ class SimCLR(ContrastiveModel):
       loss: "nt_xent" (the paper's loss) or "hard_negative" (`losses.hard_negative_nt_xent`: HCL,
         Robinson et al. 2021; with hard_negative_beta=0 the debiased loss of Chuang et al. 2020).
       hard_negative_beta, debias_tau_plus: beta and tau_plus of the "hard_negative" loss.
+      micro_batch_size: None (one pass over the 2N views), or M images: each step encodes both views
+        of M images at a time, twice, and takes one exact step over the whole batch
+        (`models.gradient_cache`; M must divide the per-replica batch). BatchNorm then normalises each
+        micro-batch of 2M views with its own statistics, and updates its moving ones once per micro-batch.
+      objective_scale: the optimised objective is objective_scale x the logged loss; 2 (default) is
+        the official code's loss_a + loss_b (`objective.add_contrastive_loss`), twice the paper's L,
+        which the logs report. The recipes' learning rates and weight decays were tuned for it.
       **kwargs: `ContrastiveModel`'s (encoder, projection_head, augmenter, temperature, num_classes,
         freeze_encoder, synchronized_batch_norm) and keras.Model's.
     """
 
-    def __init__(self, *args, loss="nt_xent", hard_negative_beta=1.0, debias_tau_plus=0.1, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss="nt_xent",
+        hard_negative_beta=1.0,
+        debias_tau_plus=0.1,
+        micro_batch_size=None,
+        objective_scale=2.0,
+        **kwargs,
+    ):
         if loss not in CONTRASTIVE_LOSSES:
             raise ValueError(f"loss must be one of {list(CONTRASTIVE_LOSSES)}, got {loss!r}.")
         losses.check_hard_negative_arguments(hard_negative_beta, debias_tau_plus)
-        super().__init__(*args, **kwargs)
+        gradient_cache.check_micro_batch_size(micro_batch_size)
+        super().__init__(*args, objective_scale=objective_scale, **kwargs)
         self.loss_name = loss
         self.hard_negative_beta = float(hard_negative_beta)
         self.debias_tau_plus = float(debias_tau_plus)
+        self.micro_batch_size = micro_batch_size
+
+    def train_step(self, data):
+        if self.micro_batch_size is None:
+            return super().train_step(data)
+        return gradient_cache.micro_batched_train_step(self, data)
 
     def contrastive_forward(self, view1, view2):
         batch_size = tf.shape(view1)[0]
         representation = self.encoder(tf.concat([view1, view2], axis=0), training=True)  # (2N, D)
         projection = self.projection_head(representation, training=True)  # (2N, proj_dim)
-        z1, z2 = projection[:batch_size], projection[batch_size:]
+        loss, accuracy = self.contrastive_loss(projection[:batch_size], projection[batch_size:])
+        return loss, accuracy, representation[:batch_size], None
+
+    def contrastive_loss(self, z1, z2):
+        """(loss, contrastive accuracy) of the two views' projections, [N, proj_dim] each.
+
+        The one place the SimCLR loss is computed: the plain and the micro-batched step both call it.
+        """
         if self.loss_name == "hard_negative":
-            loss, accuracy = losses.hard_negative_nt_xent_with_accuracy(
+            return losses.hard_negative_nt_xent_with_accuracy(
                 z1, z2, self.temperature, self.hard_negative_beta, self.debias_tau_plus
             )
-        else:
-            loss, accuracy = losses.nt_xent_with_accuracy(z1, z2, self.temperature)
-        return loss, accuracy, representation[:batch_size], None
+        return losses.nt_xent_with_accuracy(z1, z2, self.temperature)
 
     def get_config(self):
         config = super().get_config()
@@ -55,6 +84,7 @@ class SimCLR(ContrastiveModel):
                 "loss": self.loss_name,
                 "hard_negative_beta": self.hard_negative_beta,
                 "debias_tau_plus": self.debias_tau_plus,
+                "micro_batch_size": self.micro_batch_size,
             }
         )
         return config
@@ -76,11 +106,21 @@ def build_simclr(
     hard_negative_beta=1.0,
     debias_tau_plus=0.1,
     seed=None,
+    micro_batch_size=None,
+    proj_batch_norm="all",
+    proj_hidden_dim=None,
+    objective_scale=None,
+    zero_init_residual=True,
+    crop_sampler="tensorflow",
 ):
-    """A SimCLR model from the settings of the command line (and of the configs/ recipes)."""
+    """A SimCLR model from the settings of the command line (and of the configs/ recipes).
+
+    `objective_scale=None` is SimCLR's default, the official objective (2 x the logged loss).
+    """
     encoder, head, augmenter = build_components(
         image_size, backbone, width_multiplier, proj_layers, proj_dim, color_jitter_strength, use_blur,
-        synchronized_batch_norm, seed,
+        synchronized_batch_norm, seed, proj_batch_norm, proj_hidden_dim, zero_init_residual=zero_init_residual,
+        crop_sampler=crop_sampler,
     )
     return SimCLR(
         encoder=encoder,
@@ -93,5 +133,7 @@ def build_simclr(
         loss=loss,
         hard_negative_beta=hard_negative_beta,
         debias_tau_plus=debias_tau_plus,
+        micro_batch_size=micro_batch_size,
+        objective_scale=2.0 if objective_scale is None else objective_scale,
         name="simclr",
     )

@@ -1,0 +1,77 @@
+"""The method configs against the constants of their reference code (read from the code, written here).
+
+configs/debiased_cifar10.flags: chingyaoc/DCL main.py, model.py, utils.py; configs/hcl_cifar10.flags:
+joshr17/HCL image/main.py, model.py, utils.py; configs/moco_v2_cifar10.flags: the MoCo authors' CIFAR-10
+demo notebook (facebookresearch/moco, colab/moco_cifar10_demo.ipynb) and MoCo v2's `--mlp` head.
+"""
+
+import os
+
+import pytest
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def parsed_flags(config):
+    from absl import flags
+
+    import simclr_keras.train  # noqa: F401  (defines the flags)
+
+    flags.FLAGS(["train", f"--flagfile={os.path.join(CONFIGS, config)}", "--model_dir=unused"])
+    try:
+        return {name: flags.FLAGS[name].value for name in flags.FLAGS}
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("config,beta", [("debiased_cifar10.flags", 0.0), ("hcl_cifar10.flags", 1.0)])
+def test_debiased_and_hcl_configs_are_their_reference_pipelines(config, beta):
+    from simclr_keras.augment import SimCLRAugmentation
+    from simclr_keras.heads import ProjectionHead
+    from simclr_keras.optimizers import scale_learning_rate
+
+    values = parsed_flags(config)
+    # Model(feature_dim=128) on resnet50 with a 3x3 stride-1 first conv and no max-pool; batch 256, 400 epochs.
+    assert (values["backbone"], values["image_size"], values["batch_size"], values["train_epochs"]) == (
+        "resnet50", 32, 256, 400,
+    )
+    assert (values["temperature"], values["debias_tau_plus"], values["hard_negative_beta"]) == (0.5, 0.1, beta)
+    # optim.Adam(lr=1e-3, weight_decay=1e-6), the same rate every epoch.
+    assert (values["optimizer"], values["weight_decay"], values["lr_schedule"], values["warmup_epochs"]) == (
+        "adam", 1e-6, "constant", 0,
+    )
+    assert scale_learning_rate(values["learning_rate"], values["batch_size"], values["lr_scaling"]) == 1e-3
+    # loss = (-log(pos / (pos + Ng))).mean() over the 2N anchors: the logged loss itself.
+    assert values["objective_scale"] == 1.0
+    # g = Linear(2048, 512, bias=False), BatchNorm1d(512), ReLU, Linear(512, 128, bias=True).
+    head = ProjectionHead(
+        num_layers=values["proj_layers"], hidden_dim=values["proj_hidden_dim"], output_dim=values["proj_dim"],
+        batch_norm=values["proj_batch_norm"],
+    )
+    head.build((None, 2048))
+    assert [(dense.kernel.shape, dense.use_bias) for dense in head.dense_layers] == [((2048, 512), False), ((512, 128), True)]
+    assert head.batch_norm_layers[0] is not None and head.batch_norm_layers[1] is None
+    # ColorJitter(0.4, 0.4, 0.4, 0.1) = strength 0.5; GaussianBlur(kernel_size=int(0.1 * 32)) = 3x3, p = 0.5.
+    assert values["color_jitter_strength"] == 0.5 and values["use_blur"]
+    augmenter = SimCLRAugmentation(values["image_size"], color_jitter_strength=0.5, use_blur=values["use_blur"])
+    assert 2 * augmenter.blur_radius + 1 == 3 and augmenter.blur_probability == 0.5
+    assert augmenter.blur_sigma_range == (0.1, 2.0)
+
+
+def test_moco_config_is_the_demos_recipe_with_moco_v2s_head():
+    from simclr_keras.optimizers import scale_learning_rate
+
+    values = parsed_flags("moco_v2_cifar10.flags")
+    assert (values["method"], values["backbone"], values["batch_size"], values["train_epochs"]) == (
+        "moco_v2", "resnet18", 512, 200,
+    )
+    # --lr 0.06 for batch 512, --wd 5e-4, SGD momentum 0.9, --cos without warm-up.
+    assert scale_learning_rate(values["learning_rate"], values["batch_size"], values["lr_scaling"]) == 0.06
+    assert (values["optimizer"], values["weight_decay"], values["momentum"]) == ("sgd", 5e-4, 0.9)
+    assert (values["lr_schedule"], values["warmup_epochs"]) == ("cosine", 0)
+    # --moco-k 4096, --moco-m 0.99, --bn-splits 8, --symmetric (the sum of both directions).
+    assert (values["moco_queue_size"], values["moco_momentum"], values["moco_bn_splits"]) == (4096, 0.99, 8)
+    assert values["moco_symmetric"] and values["objective_scale"] in (None, 2.0)
+    # MoCo v2 (main_moco.py --mlp): Linear(512, 512) with bias, ReLU, Linear(512, 128) with bias.
+    assert (values["proj_batch_norm"], values["proj_layers"], values["proj_dim"]) == ("none", 2, 128)
+    assert values["proj_hidden_dim"] in (0, 512)

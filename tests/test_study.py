@@ -1,0 +1,257 @@
+"""The study runner (python -m simclr_keras.study): statistics, verdicts, the plan, stopping, end to end."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from simclr_keras import statistics, study, study_report
+from simclr_keras.study_spec import load_study
+
+# Student t quantiles t_{0.975, df} as printed in the usual tables (e.g. NIST/SEMATECH, 1.3.6.7.2).
+T_TABLE_975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 10: 2.228138852, 30: 2.042272456}
+
+
+def _t_density(t, df):
+    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * (1 + t * t / df) ** (-(df + 1) / 2)
+
+
+def _simpson(function, low, high, intervals=20000):
+    step = (high - low) / intervals
+    total = function(low) + function(high)
+    total += sum((4 if index % 2 else 2) * function(low + index * step) for index in range(1, intervals))
+    return total * step / 3
+
+
+@pytest.mark.parametrize("df", sorted(T_TABLE_975))
+def test_the_t_quantile_matches_the_printed_table(df):
+    assert statistics.student_t_quantile(0.975, df) == pytest.approx(T_TABLE_975[df], rel=1e-8)
+
+
+@pytest.mark.parametrize("df", [2.37, 3.9, 7.5])
+def test_the_t_quantile_at_welch_degrees_of_freedom_integrates_the_density(df):
+    # Non-integer degrees (what Welch gives): the density integrated from 0 to the quantile is 0.475.
+    quantile = statistics.student_t_quantile(0.975, df)
+    assert _simpson(lambda t: _t_density(t, df), 0.0, quantile) == pytest.approx(0.475, abs=1e-9)
+    assert statistics.student_t_quantile(0.025, df) == pytest.approx(-quantile)
+
+
+def test_mean_and_sample_std_of_a_hand_computation():
+    mean, std = statistics.mean_and_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert std == pytest.approx(math.sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3))
+    assert math.isnan(statistics.mean_and_std([0.7])[1])
+
+
+def test_welch_interval_of_a_hand_computation():
+    # Equal sizes and variances: df = 2 (n - 1) = 4 exactly; s^2 = 1 each, se = sqrt(1/3 + 1/3).
+    interval = statistics.welch_interval([1.0, 2.0, 3.0], [3.0, 4.0, 5.0])
+    half_width = T_TABLE_975[4] * math.sqrt(2 / 3)
+    assert interval.degrees_of_freedom == pytest.approx(4.0)
+    assert (interval.difference, interval.low, interval.high) == pytest.approx((-2.0, -2.0 - half_width, -2.0 + half_width))
+    # Unequal: s_a^2 = 1 (n 3), s_b^2 = 20/3 (n 4); se^2 = 1/3 + 5/3 = 2; df = 4 / ((1/3)^2 / 2 + (5/3)^2 / 3).
+    interval = statistics.welch_interval([1.0, 2.0, 3.0], [4.0, 6.0, 8.0, 10.0])
+    degrees = 4 / ((1 / 3) ** 2 / 2 + (5 / 3) ** 2 / 3)
+    assert interval.degrees_of_freedom == pytest.approx(degrees)
+    half_width = statistics.student_t_quantile(0.975, degrees) * math.sqrt(2.0)
+    assert interval.low == pytest.approx(-5.0 - half_width) and interval.high == pytest.approx(-5.0 + half_width)
+    with pytest.raises(ValueError, match="at least two values on each side, received 1 and 3"):
+        statistics.welch_interval([1.0], [1.0, 2.0, 3.0])
+
+
+def _write_study(directory, body, base_flags=("--train_steps=10", "--batch_size=50")):
+    base = directory / "base.flags"
+    base.write_text("\n".join(base_flags) + "\n")
+    path = directory / "studies" / "tiny.toml"
+    path.parent.mkdir(exist_ok=True)
+    header = f'[study]\nbase_flagfile = "{base}"\nruns_dir = "{directory / "runs"}"\n'
+    path.write_text(header + textwrap.dedent(body))
+    return load_study(str(path))
+
+
+TWO_TEMPERATURES = """
+    seeds = [0, 1, 2]
+    baseline = "t05"
+    images_per_second = 100
+    [[variations]]
+    name = "t05"
+    flags = ["--temperature=0.5"]
+    [[variations]]
+    name = "t01"
+    flags = ["--temperature=0.1"]
+    [[evaluations]]
+    name = "knn"
+    protocol = "knn"
+    seconds = 60
+    [[verdicts]]
+    finding = "0.5 beats 0.1"
+    metric = "knn_top1"
+    order = ["t05", "t01"]
+"""
+
+
+def _records(values):
+    """Results-file records of {variation: [knn top-1 per seed]} as the runner writes them."""
+    flags = {"t05": ["--temperature=0.5"], "t01": ["--temperature=0.1"]}
+    return [
+        {"variation": name, "seed": seed, "flags": flags[name], "metrics": {"knn_top1": value}, "train_seconds": 60.0}
+        for name, seeds in values.items()
+        for seed, value in enumerate(seeds)
+    ]
+
+
+@pytest.mark.parametrize(
+    "values, outcome",
+    [
+        ({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]}, "reproduced"),
+        ({"t05": [0.40, 0.41, 0.42], "t01": [0.50, 0.52, 0.51]}, "not reproduced"),
+        ({"t05": [0.50, 0.40, 0.45], "t01": [0.44, 0.47, 0.41]}, "within noise"),
+        ({"t05": [0.50, 0.52, 0.51], "t01": [0.40]}, "not measured"),
+    ],
+)
+def test_the_verdict_follows_the_interval_of_the_data(tmp_path, values, outcome):
+    spec = _write_study(tmp_path, TWO_TEMPERATURES)
+    verdict_outcome, _ = study_report.judge(spec.verdicts[0], study_report.metric_values(spec, _records(values)))
+    assert verdict_outcome == outcome
+    assert f"**{outcome}**" in study_report.report_markdown(spec, _records(values))
+
+
+def test_the_report_table_and_stale_records(tmp_path):
+    spec = _write_study(tmp_path, TWO_TEMPERATURES)
+    records = _records({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]})
+    # A record of a variation whose flags have since changed in the study file does not count.
+    records.append({**records[-1], "seed": 2, "flags": ["--temperature=0.2"], "metrics": {"knn_top1": 0.99}})
+    text = study_report.report_markdown(spec, records)
+    assert "| t05 (baseline) | `--temperature=0.5` | 3 | 51.00 ± 1.00 |" in text
+    assert "| t01 | `--temperature=0.1` | 3 | 41.00 ± 1.00 |" in text
+    half_width = 100 * T_TABLE_975[4] * math.sqrt(2 * 0.01**2 / 3)
+    assert f"| t01 | -10.00 [{-10 - half_width:+.2f}, {-10 + half_width:+.2f}] |" in text
+
+
+def test_a_study_file_naming_a_flag_the_command_does_not_define_is_refused(tmp_path):
+    spec = _write_study(tmp_path, TWO_TEMPERATURES.replace("--temperature=0.1", "--head_kind=linear"))
+    with pytest.raises(ValueError, match="variation 't01' sets --head_kind, which `python -m simclr_keras.train` does not"):
+        study.check_study_flags(spec, study.cli_flag_defaults(study.TRAIN_MODULE), {})
+
+
+def test_dry_run_estimates_configured_and_measured_costs(tmp_path, capsys):
+    spec = _write_study(tmp_path, TWO_TEMPERATURES)
+    runs = study.plan_runs(spec, spec.runs_dir)
+    # t01 seed 1 has run 5 steps at 2 s a step after two of 30 s (with compilation: not counted).
+    log_dir = tmp_path / "runs" / "t01" / "seed_1"
+    log_dir.mkdir(parents=True)
+    times = [0.0, 30.0, 60.0, 62.0, 64.0]
+    log_dir.joinpath("train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "time": t}) + "\n" for i, t in enumerate(times)))
+    keys = study.finished_keys(_records({"t05": [0.5]}))  # t05 seed 0 is in the results
+    defaults = {"train_steps": 0, "train_epochs": 100, "batch_size": 512, "dataset": "cifar10", "max_train_examples": 0}
+    total = study.print_plan(spec, runs, keys, defaults)
+    lines = capsys.readouterr().out.splitlines()
+    row = {tuple(line.split()[:2]): line for line in lines[2:-1]}
+    assert "done (in results)" in row[("t05", "0")]
+    # Configured: 10 steps x 50 images / 100 images/s = 5 s, + 30 s start-up, + knn 60 s + 30 s = 125 s.
+    assert "0/10" in row[("t05", "1")] and "2.1 min" in row[("t05", "1")] and "configured 100 images/s" in row[("t05", "1")]
+    # Measured from t01 seed 1's log: 2 s/step; seed 1 resumes at step 5: 5 x 2 + 30 + 90 = 130 s.
+    assert "resume at step 5" in row[("t01", "1")] and "5/10" in row[("t01", "1")] and "2.2 min" in row[("t01", "1")]
+    # 10 x 2 + 30 + 90 = 140 s for the other seeds of t01.
+    assert "measured 2.000 s/step (t01 seed 1)" in row[("t01", "0")] and "2.3 min" in row[("t01", "0")]
+    assert total == pytest.approx(125 + 125 + 140 + 130 + 140)
+
+
+CHILD = """
+import signal, sys, time
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+print("started", flush=True)
+while not received:
+    time.sleep(0.05)
+time.sleep(0.5)  # a second SIGTERM in this time would be recorded too
+print("terms", len(received), flush=True)
+sys.exit(143)
+"""
+
+
+def test_max_hours_sends_one_sigterm_to_the_running_command_and_starts_nothing_after(tmp_path):
+    stopper = study.Stopper(max_hours=1.5 / 3600)
+    log_path = tmp_path / "child.log"
+    started = time.time()
+    status, seconds, stopped = study.run_command([sys.executable, "-c", CHILD], str(log_path), stopper)
+    assert (status, stopped) == (143, True)
+    assert 1.4 < time.time() - started < 10
+    assert "terms 1" in log_path.read_text()
+    # Past the deadline, the runner starts no further run.
+    spec = _write_study(tmp_path, TWO_TEMPERATURES)
+    assert study.run_study(spec, study.plan_runs(spec, spec.runs_dir), stopper) == (0, [], "--max_hours")
+    assert not os.path.exists(spec.runs_dir)
+
+
+def _run_study(path, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_keras.study", str(path), *flags], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_then_rerun_skips_what_is_finished(cifar10_500, tmp_path):
+    base = [f"--dataset=folder:{cifar10_500}", "--width_multiplier=0.125", "--batch_size=100", "--train_steps=2",
+            "--warmup_epochs=0", "--eval_batch_size=100", "--checkpoint_every_n_steps=1"]  # fmt: skip
+    spec = _write_study(
+        tmp_path,
+        TWO_TEMPERATURES.replace("[0, 1, 2]", "[0, 1]")
+        + '[[evaluations]]\nname = "probe"\nprotocol = "probe"\n',
+        base,
+    )
+    result = _run_study(spec.path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = study.read_results(spec.results_path)
+    assert sorted((record["variation"], record["seed"]) for record in records) == [
+        ("t01", 0), ("t01", 1), ("t05", 0), ("t05", 1)
+    ]  # fmt: skip
+    for record in records:
+        assert record["settings"]["train_steps"] == "2" and record["settings"]["seed"] == str(record["seed"])
+        assert record["steps"] == 2 and record["train_seconds"] > 0 and record["version"] == "0.1.0"
+        # The kNN is the evaluation command's own result for that run; the probe the training's.
+        with open(os.path.join(record["model_dir"], "study_eval_knn.json"), encoding="utf-8") as file:
+            assert record["metrics"]["knn_top1"] == json.load(file)["top1"]
+        with open(os.path.join(record["model_dir"], "eval_results.json"), encoding="utf-8") as file:
+            assert record["metrics"]["probe_top1"] == json.load(file)["probe_accuracy"]
+    report = open(spec.report_path, encoding="utf-8").read()
+    assert "| t05 (baseline) | `--temperature=0.5` | 2 |" in report and os.path.getsize(spec.figure_path) > 1000
+
+    # A second invocation trains and evaluates nothing; one run whose result line is lost is evaluated
+    # again from its run directory, without training.
+    with open(spec.results_path, "w", encoding="utf-8") as file:
+        file.write("".join(json.dumps(record) + "\n" for record in records[1:]))
+    state_path = os.path.join(records[0]["model_dir"], study.RUN_STATE)
+    state = json.load(open(state_path, encoding="utf-8"))
+    del state["evaluations"]["knn"]
+    json.dump(state, open(state_path, "w", encoding="utf-8"))
+    result = _run_study(spec.path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training in" not in result.stdout
+    assert result.stdout.count("(knn)") == 1 and "1 run(s) completed now, 0 of 4 left" in result.stdout
+    assert len(study.read_results(spec.results_path)) == 4
+
+
+def test_every_study_file_loads_and_names_only_flags_the_commands_define():
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "studies", "*.toml")))
+    assert len(paths) >= 10
+    train_defaults = study.cli_flag_defaults(study.TRAIN_MODULE)
+    evaluate_defaults = study.cli_flag_defaults(study.EVALUATE_MODULE)
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    previous = os.getcwd()
+    os.chdir(repository)  # the flagfiles are named relative to the repository root, where the command runs
+    try:
+        for path in paths:
+            spec = load_study(path)
+            study.check_study_flags(spec, train_defaults, evaluate_defaults)
+            assert spec.budget and len(spec.seeds) == 3 and spec.verdicts, path
+    finally:
+        os.chdir(previous)

@@ -166,7 +166,8 @@ def overhead():
     ratios = [micro / plain for plain, micro in zip(seconds["plain"], seconds["micro"])]
     print(f"side by side, N = {FLAGS.overhead_batch_size}, M = {FLAGS.micro_batch_size}:")
     for name, values in seconds.items():
-        print(f"  {name}: " + ", ".join(f"{value:.2f}" for value in values) + f" s (median {statistics.median(values):.2f})")
+        listed = ", ".join(f"{value:.2f}" for value in values)
+        print(f"  {name}: {listed} s (median {statistics.median(values):.2f})")
     print("  ratios: " + ", ".join(f"{ratio:.2f}" for ratio in ratios) + f" (median {statistics.median(ratios):.2f})")
 
 
@@ -180,7 +181,8 @@ def plot(rows, path):
     for index, label in ((1, "one pass"), (2, f"micro-batches of M = {FLAGS.micro_batch_size}")):
         points = [(row[0], row[index]["peak_bytes"] / GIB) for row in rows if row[index]]
         axis.plot(*zip(*points), marker="o", label=label)
-    axis.axhline(FLAGS.memory_cap_gib, color="grey", linestyle="--", label=f"stopped above {FLAGS.memory_cap_gib:g} GiB")
+    cap = FLAGS.memory_cap_gib
+    axis.axhline(cap, color="grey", linestyle="--", label=f"stopped above {cap:g} GiB")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("global batch N (images; 2N views)")
     axis.set_ylabel("peak resident memory (GiB)")

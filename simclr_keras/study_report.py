@@ -48,14 +48,20 @@ class Comparison:
 def judge(verdict, values):
     """(outcome, [Comparison]) of a verdict: each neighbouring pair of its order, better minus worse.
 
+    Its items are variations compared on verdict.metric, or, with verdict.variation, metrics of that
+    variation (unpaired over seeds, which is conservative for two measurements of the same encoders).
     A pair goes the paper's way when its whole 95% interval is above 0, the opposite way when it is
     below 0, and is within noise otherwise. The finding is reproduced when every pair goes the paper's
     way, not reproduced when any goes the opposite way, and within noise otherwise.
     """
+    def seeds(item):  # a variation's values of the metric, or (with verdict.variation) a metric's values
+        if verdict.variation is not None:
+            return values.get(verdict.variation, {}).get(item, [])
+        return values.get(item, {}).get(verdict.metric, [])
+
     comparisons = []
     for better, worse in zip(verdict.order, verdict.order[1:]):
-        better_values = values.get(better, {}).get(verdict.metric, [])
-        worse_values = values.get(worse, {}).get(verdict.metric, [])
+        better_values, worse_values = seeds(better), seeds(worse)
         if len(better_values) < 2 or len(worse_values) < 2:
             comparisons.append(Comparison(better, worse, None, NOT_MEASURED))
             continue
@@ -116,9 +122,11 @@ def _difference_table(study, values):
         if variation.name == study.baseline:
             continue
         cells = []
-        for metric in metrics:
+        for evaluation, metric in zip(study.evaluations, metrics):
             mine, theirs = values[variation.name].get(metric, []), baseline.get(metric, [])
-            if len(mine) < 2 or len(theirs) < 2:
+            if not (evaluation.applies_to(variation.name) and evaluation.applies_to(study.baseline)):
+                cells.append("not evaluated")
+            elif len(mine) < 2 or len(theirs) < 2:
                 cells.append("needs 2+ seeds")
             else:
                 cells.append(_interval_text(statistics.welch_interval(mine, theirs, CONFIDENCE)))
@@ -136,7 +144,8 @@ def _verdict_lines(study, values):
             + f" ({comparison.outcome})"
             for comparison in comparisons
         )
-        lines.append(f"- **{verdict.finding}** on `{verdict.metric}`: **{outcome}**. {details}.")
+        where = f"`{verdict.metric}`" if verdict.variation is None else f"`{verdict.variation}`"
+        lines.append(f"- **{verdict.finding}** on {where}: **{outcome}**. {details}.")
     return lines or ["(the study file names no finding to judge)"]
 
 

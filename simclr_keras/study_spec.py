@@ -30,6 +30,11 @@
     metric = "linear_top1"                       # EVALUATION_top1 or EVALUATION_top5
     order = ["nonlinear", "linear", "none"]
 
+    [[verdicts]]                                 # or metrics of one variation, best first
+    finding = "h > z"
+    variation = "nonlinear"
+    order = ["linear_top1", "linear_z_top1"]
+
 A variation's flags come after the study's, so they win; every run gets --seed and --model_dir last.
 """
 
@@ -66,9 +71,12 @@ class Evaluation:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
+    """The paper's direction, best first: variations on one metric, or (with `variation`) metrics of one variation."""
+
     finding: str
-    metric: str
+    metric: str | None
     order: tuple
+    variation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +180,15 @@ def _evaluations(document, variation_names):
 def _verdicts(document, variation_names, metric_names):
     verdicts = []
     for table in document.get("verdicts", []):
-        order, metric = table.get("order", []), table.get("metric")
+        order, metric, variation = table.get("order", []), table.get("metric"), table.get("variation")
+        if variation is not None:  # metrics of one variation, e.g. linear evaluation of h against z
+            if variation not in variation_names or len(order) < 2 or not set(order) <= set(metric_names):
+                raise ValueError(
+                    f"verdict {table.get('finding')!r}: with variation (one of {variation_names}, received "
+                    f"{variation!r}), order lists two or more metrics of {metric_names}, received {order!r}."
+                )
+            verdicts.append(Verdict(str(table.get("finding", " > ".join(order))), None, tuple(order), variation))
+            continue
         if metric not in metric_names:
             raise ValueError(f"verdict {table.get('finding')!r}: metric must be one of {metric_names}, received {metric!r}.")
         if len(order) < 2 or not set(order) <= set(variation_names):

@@ -80,7 +80,7 @@ flags.DEFINE_integer(
     "micro_batch_size",
     None,
     "SimCLR: encode M images (2M views) at a time, twice, for one exact step over the whole batch (gradient "
-    "caching: large batches in little memory, ~1.3x the step time); must divide the per-replica batch. Unset: one pass.",
+    "caching: large batches in little memory, ~1.3x the step time, BENCHMARKS.md); must divide the per-replica batch. Unset: one pass.",
 )
 flags.DEFINE_integer("train_epochs", 100, "Pretraining epochs.")
 flags.DEFINE_integer("train_steps", 0, "Pretraining steps; overrides train_epochs when > 0.")

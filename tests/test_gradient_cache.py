@@ -123,7 +123,9 @@ def test_views_are_drawn_once_per_step_and_reused_by_both_passes():
     for _ in range(2):  # the second step checks that the random state advanced alike
         one_step(plain, images, labels), one_step(micro, images, labels)
     assert largest_difference(plain.get_weights(), micro.get_weights()) < 2e-6
-    np.testing.assert_array_equal(plain.augmenter.seed_generator.state.numpy(), micro.augmenter.seed_generator.state.numpy())
+    np.testing.assert_array_equal(
+        plain.augmenter.seed_generator.state.numpy(), micro.augmenter.seed_generator.state.numpy()
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,7 +258,9 @@ def test_a_micro_batch_size_that_does_not_divide_the_batch_is_refused():
 
 
 def test_moco_refuses_a_micro_batch_size():
-    components = dict(encoder=encoder_without_batch_norm(), projection_head=keras.layers.Dense(6), augmenter=ScaleOnly())
+    components = dict(
+        encoder=encoder_without_batch_norm(), projection_head=keras.layers.Dense(6), augmenter=ScaleOnly()
+    )
     with pytest.raises(ValueError, match="micro_batch_size applies to SimCLR only, got micro_batch_size=4 for MoCo"):
         MoCo(**components, queue_size=32, micro_batch_size=4)
 
@@ -294,9 +298,8 @@ def train(*flags, env=None):
     ],
 )
 def test_bad_micro_batch_flags_end_in_one_line(cifar10_500, tmp_path, flags, message):
-    _, stderr = train(f"--dataset=folder:{cifar10_500}", f"--model_dir={tmp_path}", "--train_steps=1", *flags).communicate(
-        timeout=300
-    )
+    run = train(f"--dataset=folder:{cifar10_500}", f"--model_dir={tmp_path}", "--train_steps=1", *flags)
+    _, stderr = run.communicate(timeout=300)
     assert message in stderr
     assert "Traceback" not in stderr
 
@@ -315,15 +318,14 @@ def test_two_workers_micro_batching_with_global_batch_norm_train_to_identical_we
         f"--dataset=folder:{cifar10_500}", f"--model_dir={tmp_path / 'run'}", "--strategy=multi_worker",
         "--train_steps=2", "--batch_size=64", "--micro_batch_size=8", "--width_multiplier=0.125", "--eval_split=",
     ]
-    workers = [
-        train(*flags, env={**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
-        for i in range(2)
-    ]
+    configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    workers = [train(*flags, env={**os.environ, "TF_CONFIG": config}) for config in configs]
     outputs = [worker.communicate(timeout=600) for worker in workers]
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
     fingerprints = [
-        next(line for line in stdout.splitlines() if "sum of squared weights" in line).split()[-1] for stdout, _ in outputs
+        next(line for line in stdout.splitlines() if "sum of squared weights" in line).split()[-1]
+        for stdout, _ in outputs
     ]
     assert fingerprints[0] == fingerprints[1]
     with open(tmp_path / "run" / "train_log.jsonl", encoding="utf-8") as file:

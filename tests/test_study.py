@@ -122,6 +122,17 @@ def test_the_verdict_follows_the_interval_of_the_data(tmp_path, values, outcome)
     assert f"**{outcome}**" in study_report.report_markdown(spec, _records(values))
 
 
+def test_a_verdict_across_metrics_of_one_variation(tmp_path):
+    body = TWO_TEMPERATURES + '[[evaluations]]\nname = "z"\nprotocol = "knn"\n'
+    body += '[[verdicts]]\nfinding = "h > z"\nvariation = "t05"\norder = ["knn_top1", "z_top1"]\n'
+    spec = _write_study(tmp_path, body)
+    records = _records({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]})
+    for record, z in zip(records, [0.30, 0.31, 0.32, 0.9, 0.9, 0.9]):
+        record["metrics"]["z_top1"] = z
+    outcome, comparisons = study_report.judge(spec.verdicts[1], study_report.metric_values(spec, records))
+    assert outcome == "reproduced" and comparisons[0].interval.difference == pytest.approx(0.20)
+
+
 def test_the_report_table_and_stale_records(tmp_path):
     spec = _write_study(tmp_path, TWO_TEMPERATURES)
     records = _records({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]})

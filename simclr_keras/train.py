@@ -65,6 +65,8 @@ flags.DEFINE_float("moco_momentum", 0.99, "MoCo key encoder momentum (0.99 CIFAR
 flags.DEFINE_integer("moco_queue_size", 4096, "MoCo queue of negatives (4096 CIFAR, 65536 ImageNet).")
 flags.DEFINE_bool("moco_symmetric", True, "MoCo symmetric loss: both views are queries and keys.")
 flags.DEFINE_integer("moco_bn_splits", 8, "MoCo: BatchNorm groups of each view's batch, query and (shuffled) key encoder alike (emulates per-device BN).")
+# The spelling of earlier versions (then for the key encoder only), so that their flags.txt still parses.
+flags.DEFINE_alias("moco_key_bn_splits", "moco_bn_splits")
 flags.DEFINE_bool("freeze_encoder", False, "Train only the online probe on a frozen, randomly initialised encoder (baseline).")
 # Augmentation
 flags.DEFINE_float("color_jitter_strength", 0.5, "Colour distortion strength s (0.5 for CIFAR, 1.0 for ImageNet).")

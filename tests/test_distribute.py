@@ -3,7 +3,6 @@
 The reference for every check is the same computation on one device with the concatenated batch.
 """
 
-import functools
 import json
 import os
 import socket
@@ -17,17 +16,11 @@ import tensorflow as tf
 
 from simclr_keras import ProjectionHead, SimCLR, SimCLRAugmentation, losses, resnet
 from simclr_keras.optimizers import LARS
+from strategies import mirrored
 
 IMAGE_SIZE = 16
 
 
-@functools.lru_cache(maxsize=None)
-def mirrored():
-    # One strategy per process: separate MirroredStrategy objects reuse collective instance keys,
-    # and their all-gathers and all-reduces then collide.
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    assert len(devices) == 2, "tests/conftest.py splits the CPU into 2 logical devices"
-    return tf.distribute.MirroredStrategy(devices)
 
 
 def per_replica(strategy, fn, *args):

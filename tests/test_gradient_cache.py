@@ -5,7 +5,6 @@ same micro-batches encoded separately under one tape (full autodiff, no caching)
 update of the moving statistics computed by hand.
 """
 
-import functools
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import tensorflow as tf
 
 from simclr_keras import ProjectionHead, SimCLR, SimCLRAugmentation
 from simclr_keras.models.moco import MoCo
+from strategies import mirrored
 
 IMAGE_SIZE = 8
 BATCH_SIZE = 16
@@ -128,12 +128,6 @@ def test_views_are_drawn_once_per_step_and_reused_by_both_passes():
     )
 
 
-@functools.lru_cache(maxsize=None)
-def mirrored():
-    # One strategy per process (see tests/test_distribute.py): collective keys would collide.
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    assert len(devices) == 2, "tests/conftest.py splits the CPU into 2 logical devices"
-    return tf.distribute.MirroredStrategy(devices)
 
 
 @pytest.mark.parametrize("loss", ["nt_xent", "hard_negative"])

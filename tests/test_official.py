@@ -20,7 +20,10 @@ from official_reference import OfficialNetwork, save_fake_official
 from simclr_keras import official
 from simclr_keras.backbones import resnet
 
-FACTS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "official_simclr")
+# Like the shared CIFAR-10 folder (tests/conftest.py): beside the repository, or where the variable says.
+FACTS_DIR = os.environ.get(
+    "SIMCLR_OFFICIAL_FACTS_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "official_simclr")
+)
 SK = official.OFFICIAL_SK_RATIO
 TINY = dict(width=1 / 16, proj_dim=16, num_classes=10)  # the real layout at a few hundred thousand weights
 
@@ -28,7 +31,10 @@ TINY = dict(width=1 / 16, proj_dim=16, num_classes=10)  # the real layout at a f
 def _facts(name):
     path = os.path.join(FACTS_DIR, name)
     if not os.path.exists(path):
-        pytest.skip(f"{path} is missing (the official facts live in ../shared/official_simclr/)")
+        raise FileNotFoundError(
+            f"{path} is missing: the official facts live in ../shared/official_simclr/; set "
+            "SIMCLR_OFFICIAL_FACTS_DIR to the folder that holds them"
+        )
     return path
 
 

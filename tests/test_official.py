@@ -20,10 +20,20 @@ from official_reference import OfficialNetwork, save_fake_official
 from simclr_keras import official
 from simclr_keras.backbones import resnet
 
-# Like the shared CIFAR-10 folder (tests/conftest.py): beside the repository, or where the variable says.
-FACTS_DIR = os.environ.get(
-    "SIMCLR_OFFICIAL_FACTS_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "official_simclr")
-)
+
+def _facts_dir():
+    """Where SIMCLR_OFFICIAL_FACTS_DIR says; else shared/official_simclr beside the repository, or in
+    the shared folder that holds SIMCLR_CIFAR10_DIR (shared/datasets/cifar10)."""
+    if "SIMCLR_OFFICIAL_FACTS_DIR" in os.environ:
+        return os.environ["SIMCLR_OFFICIAL_FACTS_DIR"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "official_simclr")
+    cifar = os.environ.get("SIMCLR_CIFAR10_DIR")
+    if os.path.isdir(beside) or not cifar:
+        return beside
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cifar))), "official_simclr")
+
+
+FACTS_DIR = _facts_dir()
 SK = official.OFFICIAL_SK_RATIO
 TINY = dict(width=1 / 16, proj_dim=16, num_classes=10)  # the real layout at a few hundred thousand weights
 

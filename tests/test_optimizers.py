@@ -224,22 +224,23 @@ def test_lars_with_schedule_in_model_fit_under_mixed_precision():
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
+        keras.utils.set_random_seed(0)  # the initial weights decide how many float16 steps overflow
         model = keras.Sequential(
             [keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
              keras.layers.Dense(1, dtype="float32")]
         )
-        schedule = WarmupCosineDecay(base_learning_rate=0.1, total_steps=4, warmup_steps=1)
+        schedule = WarmupCosineDecay(base_learning_rate=0.1, total_steps=8, warmup_steps=1)
         model.compile(optimizer=_make_lars(learning_rate=schedule), loss="mse")
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         kernel_before = model.layers[0].kernel.numpy().copy()
         features = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
         targets = np.random.default_rng(1).normal(size=(16, 1)).astype("float32")
-        history = model.fit(features, targets, batch_size=8, epochs=2, verbose=0)
+        # 8 steps: those whose float16 gradients overflow are skipped by the loss scaling (which then
+        # halves the scale, from 2^15), and the warm-up's first rate is 0, so fewer steps change weights.
+        history = model.fit(features, targets, batch_size=8, epochs=4, verbose=0)
         assert np.isfinite(history.history["loss"]).all()
         assert not np.allclose(model.layers[0].kernel.numpy(), kernel_before)
-        # Steps whose float16 gradients overflow are skipped by the loss
-        # scaling (the scale then halves), so at most 4 updates were applied.
-        assert 1 <= int(model.optimizer.iterations.numpy()) <= 4
+        assert 1 <= int(model.optimizer.iterations.numpy()) <= 8
     finally:
         keras.config.set_dtype_policy(previous_policy)
 

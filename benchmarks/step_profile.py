@@ -21,6 +21,8 @@ from benchmark_command import training_command
 flags.DEFINE_string("data_dir", "../shared/datasets/cifar10", "Image folder with train/<class>/*.jpg.")
 flags.DEFINE_enum("precision", "mixed_bfloat16", ["float32", "mixed_bfloat16"], "Precision of the run.")
 flags.DEFINE_integer("batch_size", 128, "Images per step (each gives two views).")
+flags.DEFINE_float("width_multiplier", 1.0, "ResNet-18 width.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars"], "Optimizer of the run.")
 flags.DEFINE_list("profile_steps", ["6", "9"], "FIRST,LAST global steps to profile (after tracing and warm-up).")
 flags.DEFINE_integer("top", 15, "Rows of the op-type table.")
 flags.DEFINE_list("train_flags", [], "Extra flags for simclr_keras.train.")
@@ -66,8 +68,8 @@ def main(argv):
     first, last = (int(step) for step in FLAGS.profile_steps)
     with tempfile.TemporaryDirectory(prefix="step_profile_") as model_dir:
         command = training_command(
-            FLAGS.data_dir, FLAGS.batch_size, last + 1, FLAGS.precision, model_dir,
-            extra_flags=[f"--profile_steps={first},{last}", *FLAGS.train_flags],
+            FLAGS.data_dir, FLAGS.batch_size, last + 1, FLAGS.precision, model_dir, FLAGS.width_multiplier,
+            extra_flags=[f"--profile_steps={first},{last}", *FLAGS.train_flags], optimizer=FLAGS.optimizer,
         )
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         if result.returncode:
@@ -82,7 +84,10 @@ def main(argv):
     for name, value in seconds.items():
         by_type[name.rsplit(":", 1)[1].removeprefix("_MklNative").removeprefix("_Mkl")] += value
         by_group[_group(name)] += value
-    print(f"{FLAGS.precision}, batch {FLAGS.batch_size}, steps {first}-{last}: {total:.2f} s of op time")
+    print(
+        f"ResNet-18 x{FLAGS.width_multiplier:g}, {FLAGS.precision}, batch {FLAGS.batch_size}, {FLAGS.optimizer}, "
+        f"steps {first}-{last}: {total:.2f} s of op time ({total / (last - first + 1):.2f} s per step)"
+    )
     print("\n| op type | share of op time |\n|---|---:|")
     for name, value in by_type.most_common(FLAGS.top):
         print(f"| {name} | {100 * value / total:.1f}% |")

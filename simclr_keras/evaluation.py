@@ -16,8 +16,10 @@ companion:
 Encoders enter as *feature functions*: callables mapping a batch of uint8 images [B, S, S, 3] to
 features [B, D]. `feature_function_from_model` makes one from a SimCLR model (its evaluation
 preprocessing, then its encoder in inference mode), `feature_function_from_saved_model` from an
-exported encoder's `serving_default` signature. Data enter as `tf.data` datasets of (uint8 image,
-int64 label), the format of `simclr_keras.data.load_images`.
+exported encoder's `serving_default` signature; `simclr_keras.Encoder` (simclr_keras/encoder.py) holds
+one with what evaluation needs around it. Data enter as `tf.data` datasets of (uint8 image,
+int64 label), the format of `simclr_keras.data.load_images`. The whole evaluation as one call:
+`simclr_keras.evaluate_encoder` (simclr_keras/eval_run.py).
 """
 
 import dataclasses
@@ -472,59 +474,81 @@ def linear_evaluation(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
     num_train, dimension = first_features.shape
-    if standardize:
-        mean = first_features.mean(axis=0)
-        # Constant dimensions (dead ReLUs) stay at 0 instead of dividing by 0.
-        scale = 1.0 / np.maximum(first_features.std(axis=0), 1e-6)
-    else:
-        mean, scale = np.zeros([dimension], np.float32), np.ones([dimension], np.float32)
-
-    def normalise(features):
-        return ((np.asarray(features, np.float32) - mean) * scale).astype(np.float32)
-
-    classifier = keras.Sequential(
-        [
-            keras.Input(shape=(dimension,), dtype="float32"),
-            keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32", name="linear_classifier"),
-        ],
-        name="linear_evaluation",
+    normalise = _standardizer(first_features) if standardize else (lambda features: np.asarray(features, np.float32))
+    classifier = _zero_initialised_classifier(
+        keras.Input(shape=(dimension,), dtype="float32"), lambda inputs: inputs, num_classes, "linear_evaluation"
     )
     steps_per_epoch = math.ceil(num_train / batch_size)  # the last batch of an epoch may be smaller
+    _compile(classifier, learning_rate, epochs * steps_per_epoch, momentum, weight_decay)
+
+    if features_of_epoch is None:
+        dataset = tf.data.Dataset.from_tensor_slices((normalise(first_features), train_labels))
+        dataset = dataset.shuffle(num_train, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+        history = classifier.fit(dataset, epochs=epochs, shuffle=False, verbose=verbose)
+    else:
+        history = _fit_on_new_features_each_epoch(
+            classifier, first_features, features_of_epoch, train_labels, normalise, epochs, batch_size, seed, verbose
+        )
+
+    test_logits = classifier.predict(normalise(test_features), batch_size=max(batch_size, 1024), verbose=0)
+    return _result(test_logits, test_labels, history)
+
+
+def _result(test_scores, test_labels, history):
+    """The ClassificationResult of trained test scores, with the last epoch's training loss and accuracy."""
+    return ClassificationResult(
+        top1=top_k_accuracy(test_scores, test_labels, 1),
+        top5=top_k_accuracy(test_scores, test_labels, 5),
+        scores=test_scores,
+        train_loss=float(history.history["loss"][-1]),
+        train_top1=float(history.history["accuracy"][-1]),
+    )
+
+
+def _standardizer(features):
+    """x -> (x - mean) / std per dimension, with the mean and std of `features` [N, D]."""
+    mean = features.mean(axis=0)
+    # Constant dimensions (dead ReLUs) stay at 0 instead of dividing by 0.
+    scale = 1.0 / np.maximum(features.std(axis=0), 1e-6)
+    return lambda values: ((np.asarray(values, np.float32) - mean) * scale).astype(np.float32)
+
+
+def _zero_initialised_classifier(inputs, features_of, num_classes, name, layer_name="linear_classifier"):
+    """keras.Model inputs -> logits [B, C]: features_of(inputs), then a zero-initialised Dense layer
+    (the official code's zero_init_logits_layer)."""
+    logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32", name=layer_name)(
+        features_of(inputs)
+    )
+    return keras.Model(inputs, logits, name=name)
+
+
+def _compile(classifier, learning_rate, total_steps, momentum, weight_decay):
     classifier.compile(
-        optimizer=_momentum_optimizer(learning_rate, epochs * steps_per_epoch, momentum, weight_decay),
+        optimizer=_momentum_optimizer(learning_rate, total_steps, momentum, weight_decay),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
 
-    def batches(features):
+
+def _fit_on_new_features_each_epoch(
+    classifier, first_features, features_of_epoch, train_labels, normalise, epochs, batch_size, seed, verbose
+):
+    """Trains one epoch at a time, on features_of_epoch(epoch) (epoch 0: first_features); the last History."""
+    num_train = len(train_labels)
+    for epoch in range(epochs):
+        features = first_features if epoch == 0 else features_of_epoch(epoch)
+        # A different shuffle each epoch: the dataset is rebuilt, so fold the epoch into its seed.
         dataset = tf.data.Dataset.from_tensor_slices((normalise(features), train_labels))
-        return dataset.shuffle(num_train, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-
-    if features_of_epoch is None:
-        history = classifier.fit(batches(first_features), epochs=epochs, shuffle=False, verbose=verbose)
-    else:
-        for epoch in range(epochs):
-            features = first_features if epoch == 0 else features_of_epoch(epoch)
-            # A different shuffle each epoch: the dataset is rebuilt, so fold the epoch into its seed.
-            dataset = tf.data.Dataset.from_tensor_slices((normalise(features), train_labels))
-            dataset = dataset.shuffle(num_train, seed=seed * 100_003 + epoch).batch(batch_size)
-            # Keras would print "Epoch 1/1" every time; one line per epoch is printed here instead.
-            history = classifier.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
-            if verbose:
-                print(
-                    f"Epoch {epoch + 1}/{epochs}: loss {history.history['loss'][-1]:.4f}, "
-                    f"accuracy {history.history['accuracy'][-1]:.4f}",
-                    flush=True,
-                )
-
-    test_logits = classifier.predict(normalise(test_features), batch_size=max(batch_size, 1024), verbose=0)
-    return ClassificationResult(
-        top1=top_k_accuracy(test_logits, test_labels, 1),
-        top5=top_k_accuracy(test_logits, test_labels, 5),
-        scores=test_logits,
-        train_loss=float(history.history["loss"][-1]),
-        train_top1=float(history.history["accuracy"][-1]),
-    )
+        dataset = dataset.shuffle(num_train, seed=seed * 100_003 + epoch).batch(batch_size)
+        # Keras would print "Epoch 1/1" every time; one line per epoch is printed here instead.
+        history = classifier.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
+        if verbose:
+            print(
+                f"Epoch {epoch + 1}/{epochs}: loss {history.history['loss'][-1]:.4f}, "
+                f"accuracy {history.history['accuracy'][-1]:.4f}",
+                flush=True,
+            )
+    return history
 
 
 # --------------------------------------------------------------------------------------
@@ -603,35 +627,11 @@ def finetune(
     # number of full batches that covers the set once (500 images at B = 256: 2 steps, not 1).
     steps_per_epoch = math.ceil(num_train / batch_size)
 
-    trainable_encoder = keras.models.clone_model(encoder)
-    trainable_encoder.set_weights(encoder.get_weights())
-    images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
-    features = trainable_encoder(images)
-    if head_layer:
-        if projection_head is None:
-            raise ValueError(f"head_layer={head_layer} needs the projection_head to fine-tune from; received None.")
-        features = _copy_of_head(projection_head, head_layer)(features, head_layer=head_layer)
-    logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", dtype="float32", name="classifier")(
-        features
+    classifier = _finetuned_classifier(encoder, num_classes, projection_head, head_layer)
+    _compile(classifier, learning_rate, epochs * steps_per_epoch, momentum, weight_decay)
+    stream = _augmented_stream(
+        train_examples, num_train, image_size, batch_size, steps_per_epoch, seed, crop_sampler, cache_limit_bytes
     )
-    classifier = keras.Model(images, logits, name="finetuned_classifier")
-    classifier.compile(
-        optimizer=_momentum_optimizer(learning_rate, epochs * steps_per_epoch, momentum, weight_decay),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-
-    def augment_batch(step, batch):
-        batch_images, labels = batch
-        epoch, batch_index = step // steps_per_epoch, step % steps_per_epoch
-        views = random_crop_and_flip(batch_images, image_size, _batch_seed(seed, epoch, batch_index), crop_sampler)
-        return views, labels
-
-    examples = _maybe_cache(train_examples, num_train, image_size, cache_limit_bytes)
-    # An endless stream, so that every step (not every epoch) draws new crops.
-    stream = examples.shuffle(num_train, seed=seed, reshuffle_each_iteration=True).repeat()
-    stream = stream.batch(batch_size, drop_remainder=True).enumerate()
-    stream = stream.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     history = classifier.fit(stream, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=verbose)
 
     if preprocess is None:
@@ -643,11 +643,38 @@ def finetune(
         return classifier(preprocess(batch_images), training=False)
 
     scores, test_labels = extract_features(test_logits, test_batches)
-    result = ClassificationResult(
-        top1=top_k_accuracy(scores, test_labels, 1),
-        top5=top_k_accuracy(scores, test_labels, 5),
-        scores=scores,
-        train_loss=float(history.history["loss"][-1]),
-        train_top1=float(history.history["accuracy"][-1]),
-    )
-    return result, classifier
+    return _result(scores, test_labels, history), classifier
+
+
+def _finetuned_classifier(encoder, num_classes, projection_head, head_layer):
+    """A copy of the encoder (and of the head's first head_layer layers), then a zero-initialised linear head."""
+    trainable_encoder = keras.models.clone_model(encoder)
+    trainable_encoder.set_weights(encoder.get_weights())
+    if head_layer and projection_head is None:
+        raise ValueError(f"head_layer={head_layer} needs the projection_head to fine-tune from; received None.")
+    head = _copy_of_head(projection_head, head_layer) if head_layer else None
+
+    def features_of(images):
+        features = trainable_encoder(images)
+        return head(features, head_layer=head_layer) if head is not None else features
+
+    images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
+    return _zero_initialised_classifier(images, features_of, num_classes, "finetuned_classifier", "classifier")
+
+
+def _augmented_stream(
+    examples, num_examples, image_size, batch_size, steps_per_epoch, seed, crop_sampler, cache_limit_bytes
+):
+    """An endless stream of full batches (views, labels), reshuffled every pass, new crops every
+    step: so that every step (not every epoch) draws new crops."""
+
+    def augment_batch(step, batch):
+        batch_images, labels = batch
+        epoch, batch_index = step // steps_per_epoch, step % steps_per_epoch
+        views = random_crop_and_flip(batch_images, image_size, _batch_seed(seed, epoch, batch_index), crop_sampler)
+        return views, labels
+
+    examples = _maybe_cache(examples, num_examples, image_size, cache_limit_bytes)
+    stream = examples.shuffle(num_examples, seed=seed, reshuffle_each_iteration=True).repeat()
+    stream = stream.batch(batch_size, drop_remainder=True).enumerate()
+    return stream.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -9,6 +9,8 @@ other replicas' projections so that every anchor is contrasted with the whole gl
 
 import tensorflow as tf
 
+from simclr_keras import model_config
+
 # Written over an anchor's similarity with itself so that it never counts as a candidate. Finite
 # (not -inf) so that no inf - inf appears in the softmax; exp(-1e9) underflows to exactly 0.
 _SELF_SIMILARITY_PENALTY = 1e9
@@ -159,11 +161,9 @@ def contrastive_accuracy(z1, z2, temperature=1.0):
 
 
 def check_hard_negative_arguments(beta, tau_plus):
-    """Raises ValueError unless beta >= 0 and 0 <= tau_plus < 1."""
-    if not 0.0 <= tau_plus < 1.0:
-        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus!r}.")
-    if beta < 0.0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}.")
+    """Raises ValueError unless beta >= 0 and 0 <= tau_plus < 1 (ModelConfig's hard_negative_beta, debias_tau_plus)."""
+    model_config.check_value("debias_tau_plus", tau_plus, name="tau_plus")
+    model_config.check_value("hard_negative_beta", beta, name="beta")
 
 
 def hard_negative_nt_xent_with_accuracy(

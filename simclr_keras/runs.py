@@ -109,19 +109,32 @@ def make_checkpoint_manager(model, model_dir, save_dir=None, max_to_keep=3):
     return manager, int(model.optimizer.iterations.numpy())
 
 
-def load_model(model_dir):
+def load_class_names(model_dir):
+    """The class names MODEL_DIR/classes.json records (class_names[label]), or None without that file."""
+    path = os.path.join(model_dir, CLASSES)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return tuple(json.load(file)["class_names"])
+
+
+def load_model(model_dir, restore=True):
     """Rebuilds the SimCLR model of a run and restores its latest checkpoint (without the optimizer).
 
+    With restore=False the rebuilt model keeps its fresh initialisation (seeded by
+    `keras.utils.set_random_seed`): the random-encoder baseline of the run's architecture.
     Raises FileNotFoundError naming what is missing when MODEL_DIR is not a finished training run.
     """
     config_path = os.path.join(model_dir, MODEL_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{model_dir} is not a training run: {MODEL_CONFIG} is missing.")
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
-    if latest is None:
+    if latest is None and restore:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint in {CHECKPOINTS}/.")
     with open(config_path, encoding="utf-8") as file:
         model = keras.saving.deserialize_keras_object(json.load(file))
+    if not restore:
+        return model
     # expect_partial: the optimizer's slots are in the checkpoint but not needed here.
     tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
     return model

@@ -61,7 +61,8 @@ package = types.ModuleType("simclr_keras")  # the package's __init__ imports Ten
 package.__path__ = [sys.argv[1]]
 sys.modules["simclr_keras"] = package
 import importlib
-importlib.import_module(sys.argv[2])
+module = importlib.import_module(sys.argv[2])
+getattr(module, "define_flags", lambda: None)()  # a module that defines its flags only when it runs
 from absl import flags
 print(json.dumps({name: flags.FLAGS[name].default for name in flags.FLAGS}, default=str))
 """

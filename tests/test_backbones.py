@@ -177,6 +177,8 @@ def test_mixed_precision_output_is_float32():
         ({"depth": 18, "width_multiplier": 0}, "width_multiplier=0"),
         ({"depth": 18, "stem": "tiny"}, "stem='tiny'"),
         ({"depth": 18, "image_size": 0}, "image_size=0"),
+        ({"depth": 18, "image_size": 4}, "image_size must be >= 8 for the cifar stem.*image_size=4"),
+        ({"depth": 18, "image_size": 16, "stem": "imagenet"}, "image_size must be >= 32 for the imagenet stem"),
     ],
 )
 def test_bad_arguments_raise_value_error(arguments, message):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from config_round_trip import assert_config_round_trip
 from precision import assert_within_rounding, round_to
 from simclr_keras.conv import MatmulGradientConv2D
 
@@ -132,7 +133,7 @@ def test_mixed_bfloat16_auto_gradient_is_exact_to_bfloat16_rounding():
 
 def test_config_round_trip_and_a_bad_choice():
     layer = MatmulGradientConv2D(4, 3, padding="same", kernel_gradient="native", name="c")
-    restored = MatmulGradientConv2D.from_config(layer.get_config())
+    restored = assert_config_round_trip(layer, filters=4, kernel_size=(3, 3), padding="same", kernel_gradient="native")
     assert restored.kernel_gradient == "native" and restored.filters == 4 and restored.padding == "same"
     with pytest.raises(ValueError, match="kernel_gradient"):
         MatmulGradientConv2D(4, 3, kernel_gradient="fast")

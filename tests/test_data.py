@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from conftest import BAD_FILES
 
 from simclr_keras import data
 
@@ -208,3 +209,79 @@ def test_images_above_max_source_size_are_downscaled_keeping_their_aspect_ratio(
         assert abs(height / width - original_height / original_width) < 0.02
     with pytest.raises(ValueError, match="max_source_size=0"):
         data.load_images(f"folder:{root}", "train", image_size=32, max_source_size=0)
+
+
+# Awkward folders (issue 6): the `bad_folder` fixture of conftest.py.
+
+
+def test_folder_decodes_what_it_can_and_names_what_it_skips(bad_folder):
+    root, arrays = bad_folder
+    images, info = data.load_images(f"folder:{root}", "train", image_size=32)
+    assert info.class_names == ("airplane", "cat", "empty_class")  # sorted folder names, empty one kept
+    assert {os.path.basename(path): reason for path, reason in info.skipped_files}.keys() == BAD_FILES.keys()
+    for path, reason in info.skipped_files:
+        assert BAD_FILES[os.path.basename(path)] in reason, (path, reason)
+    assert info.num_examples == 12 + 12 + 7  # the real JPEGs and the 7 decodable oddities
+    assert any("notes.txt" in note for note in info.notes)
+    assert any("empty_class" in note for note in info.notes)
+
+    # Images of different sizes (the 300x7 one): each element is the image at its own size in the
+    # top-left corner of a canvas of the largest height and width, and that size.
+    assert info.padded and info.image_shape == (300, 32)
+    paths, _, _ = data.list_image_folder(root, "train")
+    kept = [path for path in paths if os.path.basename(path) not in BAD_FILES]
+
+    def unpadded(element):
+        height, width = element[data.IMAGE_SHAPES]
+        return element["images"][:height, :width]
+
+    decoded = {os.path.basename(path): unpadded(element) for path, (element, _) in zip(kept, images.as_numpy_iterator())}
+    assert decoded.pop("odd_size.png").shape == (300, 7, 3)
+    assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for image in decoded.values())
+    np.testing.assert_array_equal(decoded["gray.png"], np.repeat(arrays["gray"], 3, axis=2))
+    np.testing.assert_array_equal(decoded["rgba.png"], arrays["rgba"][..., :3])  # alpha dropped
+    assert "nested.png" in decoded and "palette.png" in decoded and "animated.gif" in decoded
+
+    # Streamed (too large for memory): the same images, from a second decode of the good files only.
+    streamed, streamed_info = data.load_images(f"folder:{root}", "train", image_size=32, cache_limit_bytes=0)
+    assert streamed_info.decoded is None and streamed_info.num_examples == info.num_examples
+    for (first, label), (second, streamed_label) in zip(images, streamed):
+        for key in ("images", data.IMAGE_SHAPES):
+            np.testing.assert_array_equal(first[key], second[key])
+        assert label == streamed_label
+    batches = data.training_batches(images, info, batch_size=8, image_size=32)
+    batch = next(iter(batches))[0]
+    assert batch["images"].shape == (8, 300, 32, 3) and batch[data.IMAGE_SHAPES].shape == (8, 2)
+
+    with pytest.raises(data.InvalidImageError, match=r"train/cat/\w+\.(jpg|png) does not decode"):
+        data.load_images(f"folder:{root}", "train", image_size=32, strict=True)
+
+
+def test_skipped_files_report_names_the_first_twenty_then_counts():
+    skipped = tuple((f"/data/train/x/{index}.jpg", "Input is empty.") for index in range(25))
+    report = data.skipped_files_report(data.DatasetInfo(5, 2, ("a", "b"), skipped))
+    assert report[0] == "skipped 25 file(s) that do not decode as images:"
+    assert report[1] == "  /data/train/x/0.jpg: Input is empty." and len(report) == 22
+    assert report[-1] == "  ... and 5 more (25 skipped in all)"
+    assert data.skipped_files_report(data.DatasetInfo(5, 2, ("a", "b"))) == []
+
+
+def test_unlabeled_split_accepts_any_nesting(tmp_path):
+    for path in ("train/a/0.png", "train/b/0.png", "unlabeled/0.png", "unlabeled/batch1/part2/1.png"):
+        _write_png(str(tmp_path / path), np.zeros((4, 4, 3), np.uint8))
+    _, labels, _ = data.list_image_folder(str(tmp_path), "unlabeled")
+    assert labels == [-1, -1]
+
+
+def test_bad_arguments_raise_value_errors_naming_them(bad_folder):
+    root, _ = bad_folder
+    images, info = data.load_images(f"folder:{root}", "test", image_size=8)
+    for call, message in [
+        (lambda: data.load_images(f"folder:{root}", "test", image_size=0), "image_size=0"),
+        (lambda: data.training_batches(images, info, batch_size=0, image_size=8), "batch_size=0"),
+        (lambda: data.training_batches(images, info, batch_size=2, image_size=8, start_step=-1), "start_step=-1"),
+        (lambda: data.evaluation_batches(images, info, batch_size=0, image_size=8), "batch_size=0"),
+        (lambda: data.check_dataset("mnist", ["train"]), "unknown dataset 'mnist'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -116,6 +116,7 @@ def one_step(strategy, images, labels, learning_rate=0.02):
     return history.history, model.get_weights()
 
 
+@pytest.mark.slow
 def test_two_replicas_of_b_equal_one_replica_of_2b_after_an_optimizer_step():
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (16, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -143,6 +144,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_workers_on_loopback_train_to_identical_weights(cifar10_500, tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}

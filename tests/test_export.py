@@ -3,7 +3,8 @@
 The SavedModel is checked the ways its users meet it: `saved_model_cli show` and `run`, a fresh
 Python process that imports only TensorFlow and NumPy, the README's gRPC client and REST body
 against a stand-in for TF Serving, and `load_encoder` inside `keras.Sequential` for transfer
-learning. Every output is compared with the Keras model it came from.
+learning. Every output is compared with the Keras model it came from. The command line
+`python -m simclr_keras.export` runs once in a subprocess; its errors run `main` in this process.
 """
 
 import concurrent.futures
@@ -20,10 +21,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO_ROOT
+from absl import flags as absl_flags
+from conftest import REPO_ROOT, run_train_main
 
 import simclr_keras as sk
 from simclr_keras import export, runs
+from simclr_keras.export import __main__ as export_command
 
 PROJECTION_DIM = 16
 TINY_RUN = [
@@ -55,11 +58,10 @@ def exported(cifar10_500, tmp_path_factory):
     """A run exported twice: version 1 by training with --export_dir, version 2 by the export command."""
     model_dir = str(tmp_path_factory.mktemp("run"))
     export_dir = os.path.join(str(tmp_path_factory.mktemp("exports")), "simclr")
-    trained = run_module(
-        "simclr_keras.train", f"--dataset=folder:{cifar10_500}", f"--model_dir={model_dir}",
-        f"--export_dir={export_dir}", *TINY_RUN,
+    status, trained_stdout, trained_stderr = run_train_main(
+        f"--dataset=folder:{cifar10_500}", f"--model_dir={model_dir}", f"--export_dir={export_dir}", *TINY_RUN
     )
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert status == 0, trained_stderr[-3000:]
     first_digest = file_digest(os.path.join(export_dir, "1", "saved_model.pb"))
     exported_again = run_module("simclr_keras.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
     assert exported_again.returncode == 0, exported_again.stderr[-3000:]
@@ -69,7 +71,7 @@ def exported(cifar10_500, tmp_path_factory):
     return {
         "model_dir": model_dir,
         "export_dir": export_dir,
-        "outputs": (trained.stdout, exported_again.stdout),
+        "outputs": (trained_stdout, exported_again.stdout),
         "first_digest": first_digest,
         "model": runs.load_model(model_dir),
         "images": images,
@@ -194,8 +196,8 @@ def test_a_process_without_simclr_keras_serves_images_of_any_size(exported, tmp_
 
 
 def serving_docs():
-    """The README's "Serving and reusing the encoder" section."""
-    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as file:
+    """The "Serving and reusing the encoder" section of docs/serving.md (moved there from the README)."""
+    with open(os.path.join(REPO_ROOT, "docs", "serving.md"), encoding="utf-8") as file:
         readme = file.read()
     start = readme.index("## Serving and reusing the encoder")
     return readme[start : readme.index("\n## ", start + 1)]
@@ -334,20 +336,38 @@ def test_load_encoder_accepts_a_version_folder_and_names_what_is_missing(exporte
         sk.load_encoder(str(tmp_path / "other"))
 
 
-@pytest.mark.parametrize(
-    "module, flags, message",
-    [
-        ("simclr_keras.export", ["--model_dir={missing}", "--export_dir={tmp}"],
-         "error: --model_dir={missing} cannot be exported: {missing} is not a training run"),
-        ("simclr_keras.train", ["--dataset=folder:{data}", "--model_dir={tmp}", "--export_dir=/proc/export"],
-         "error: --export_dir=/proc/export cannot be created"),
-    ],
-    ids=["export_without_a_run", "train_with_an_unwritable_export_dir"],
-)
-def test_bad_directories_end_in_one_line_without_traceback(cifar10_500, tmp_path, module, flags, message):
-    values = {"missing": str(tmp_path / "no_run"), "tmp": str(tmp_path), "data": cifar10_500}
-    result = run_module(module, *(flag.format(**values) for flag in flags))
-    assert result.returncode == 1
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and error_lines[0].startswith(message.format(**values)), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def run_export_main(capsys, *flags):
+    """`python -m simclr_keras.export FLAGS` in this process, on its own absl FlagValues: (status, stderr)."""
+    flag_values = absl_flags.FlagValues()
+    export_command.define_flags(flag_values)
+    argv = flag_values(["simclr_keras.export", *flags])
+    with pytest.raises(SystemExit) as exit:
+        export_command.main(argv, flag_values)
+    return exit.value.code, capsys.readouterr().err
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_export_errors_end_in_one_line(tmp_path, capsys):
+    export_file = tmp_path / "exports"
+    export_file.write_text("a file")
+    missing = tmp_path / "no_run"
+    for flags, message in [
+        ([f"--model_dir={tmp_path}", f"--export_dir={export_file}"],
+         f"error: --export_dir={export_file} is a file; pass a directory (versions are written into it)."),
+        ([f"--model_dir={missing}", f"--export_dir={tmp_path}"],
+         f"error: --model_dir={missing} cannot be exported: {missing} is not a training run: model_config.json is missing."),
+    ]:  # fmt: skip
+        status, stderr = run_export_main(capsys, *flags)
+        assert status == 1 and error_lines(stderr) == [message], stderr[-2000:]
+
+
+def test_training_with_an_unwritable_export_dir_ends_in_one_line(cifar10_500, tmp_path):
+    status, _, stderr = run_train_main(
+        f"--dataset=folder:{cifar10_500}", f"--model_dir={tmp_path}", "--export_dir=/proc/export"
+    )
+    assert status == 1
+    [line] = error_lines(stderr)
+    assert line.startswith("error: --export_dir=/proc/export cannot be created"), stderr[-2000:]

@@ -240,7 +240,7 @@ def test_error_reason_reads_tensorflows_message():
 
 
 def test_plots_stop_the_run_only_when_the_disk_refuses_them(monkeypatch, tmp_path, capsys):
-    from simclr_keras import plots, train
+    from simclr_keras import plots, train_run
 
     class NoAugmenter:
         augmenter = None
@@ -252,9 +252,9 @@ def test_plots_stop_the_run_only_when_the_disk_refuses_them(monkeypatch, tmp_pat
     monkeypatch.setattr(plots, "write_run_plots", raising(OSError(errno.ENOSPC, "No space left on device")))
     expected = f"could not write the plots to {tmp_path} (No space left on device)"
     with pytest.raises(WriteFailure, match=re.escape(expected)):
-        train._write_plots(NoAugmenter(), images, ["a"], str(tmp_path), 0)
+        train_run._write_plots(NoAugmenter(), images, ["a"], str(tmp_path), 0)
     monkeypatch.setattr(plots, "write_run_plots", raising(ValueError("no font")))
-    train._write_plots(NoAugmenter(), images, ["a"], str(tmp_path), 0)  # a drawing problem only warns
+    train_run._write_plots(NoAugmenter(), images, ["a"], str(tmp_path), 0)  # a drawing problem only warns
     assert "warning: the plots were not written (ValueError: no font)" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from config_round_trip import assert_config_round_trip
 
 from simclr_keras.heads import ProjectionHead
 
@@ -119,13 +120,7 @@ def test_training_uses_batch_statistics_and_updates_moving_averages():
 
 def test_get_config_round_trip():
     head = ProjectionHead(num_layers=3, hidden_dim=32, output_dim=64, name="g")
-    config = head.get_config()
-    assert config["num_layers"] == 3
-    assert config["hidden_dim"] == 32
-    assert config["output_dim"] == 64
-    assert config["synchronized_batch_norm"] is False
-    restored = ProjectionHead.from_config(config)
-    assert restored.get_config() == config
+    assert_config_round_trip(head, num_layers=3, hidden_dim=32, output_dim=64, synchronized_batch_norm=False, name="g")
 
 
 def test_saved_model_round_trip(tmp_path):
@@ -219,7 +214,7 @@ def test_hidden_batch_norm_head_is_the_debiased_and_hcl_reference_head():
     expected = np.maximum(hidden, 0.0) @ second.kernel.numpy() + second.bias.numpy()
     outputs = keras.ops.convert_to_numpy(head(inputs, training=True))
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
-    clone = ProjectionHead.from_config(head.get_config())
+    clone = assert_config_round_trip(head, batch_norm="hidden", hidden_dim=6, output_dim=4)
     assert clone.batch_norm == "hidden"
 
 

@@ -3,13 +3,13 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from config_round_trip import assert_config_round_trip
+from conftest import run_train_main
 
 from simclr_keras.models.moco import build_moco, enqueue, moco_loss_with_accuracy
 
@@ -19,8 +19,8 @@ IMAGE_SIZE = 16
 def tiny_moco(**overrides):
     keras.utils.set_random_seed(1)
     settings = dict(
-        image_size=IMAGE_SIZE, width_multiplier=0.125, proj_dim=8, num_classes=3, queue_size=40,
-        batch_norm_splits=4, momentum=0.9, seed=1,
+        image_size=IMAGE_SIZE, width_multiplier=0.125, proj_dim=8, num_classes=3, moco_queue_size=40,
+        moco_bn_splits=4, moco_momentum=0.9, seed=1,
     )
     model = build_moco(**{**settings, **overrides})
     model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
@@ -58,6 +58,7 @@ def test_loss_matches_infonce_written_per_query():
     assert float(accuracy) == pytest.approx(wins)
 
 
+@pytest.mark.slow
 def test_key_network_starts_equal_and_follows_by_momentum():
     model = tiny_moco()
     pairs = model._momentum_pairs()
@@ -77,6 +78,7 @@ def test_key_network_starts_equal_and_follows_by_momentum():
     assert not key_variables & {id(v) for v in model.trained_variables}
 
 
+@pytest.mark.slow
 def test_queue_fills_with_normalised_keys_and_survives_a_checkpoint(tmp_path):
     model = tiny_moco()
     initial_queue = model.queue.numpy().copy()
@@ -97,15 +99,16 @@ def test_queue_fills_with_normalised_keys_and_survives_a_checkpoint(tmp_path):
 
 
 def test_keys_are_unshuffled_back_to_their_images():
-    model = tiny_moco(batch_norm_splits=1)  # one BatchNorm group: keys must not depend on order
+    model = tiny_moco(moco_bn_splits=1)  # one BatchNorm group: keys must not depend on order
     views = tf.constant(np.random.default_rng(3).uniform(size=(8, IMAGE_SIZE, IMAGE_SIZE, 3)), tf.float32)
     direct = model.key_projection_head(model.key_encoder(views, training=True), training=True)
     np.testing.assert_allclose(model._keys(views, num_views=1), tf.math.l2_normalize(direct, axis=1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_config_round_trip_and_asymmetric_training():
-    model = tiny_moco(symmetric=False)
-    clone = type(model).from_config(model.get_config())
+    model = tiny_moco(moco_symmetric=False)
+    clone = assert_config_round_trip(model, momentum=0.9, queue_size=40, symmetric=False, batch_norm_splits=4)
     assert (clone.momentum, clone.queue_size, clone.symmetric, clone.batch_norm_splits) == (0.9, 40, False, 4)
     history = model.fit(*batch(), batch_size=8, epochs=1, verbose=0)
     assert math.isfinite(history.history["loss"][0]) and int(model.queue_pointer.numpy()) == 8
@@ -114,40 +117,33 @@ def test_config_round_trip_and_asymmetric_training():
 @pytest.mark.parametrize(
     "method_flags",
     [
-        ["--method=moco_v2", "--temperature=0.2", "--moco_queue_size=256", "--moco_bn_splits=4"],
-        ["--loss=hard_negative", "--hard_negative_beta=1.0", "--debias_tau_plus=0.1"],
-        ["--loss=hard_negative", "--hard_negative_beta=0", "--debias_tau_plus=0.1"],
+        pytest.param(
+            ["--method=moco_v2", "--temperature=0.2", "--moco_queue_size=256", "--moco_bn_splits=4"], id="moco_v2",
+            marks=pytest.mark.slow,
+        ),
+        # The losses themselves are tested in tests/test_losses.py; these runs only add the command-line path.
+        pytest.param(
+            ["--loss=hard_negative", "--hard_negative_beta=1.0", "--debias_tau_plus=0.1"], id="hcl", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            ["--loss=hard_negative", "--hard_negative_beta=0", "--debias_tau_plus=0.1"], id="debiased", marks=pytest.mark.slow
+        ),
     ],
-    ids=["moco_v2", "hcl", "debiased"],
 )
 def test_each_method_trains_from_the_command_line(cifar10_500, tmp_path, method_flags):
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "simclr_keras.train", f"--dataset=folder:{cifar10_500}",
-            f"--model_dir={tmp_path}", "--train_steps=3", "--batch_size=32", "--width_multiplier=0.125",
-            "--eval_split=", *method_flags,
-        ],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, _, stderr = run_train_main(
+        f"--dataset=folder:{cifar10_500}", f"--model_dir={tmp_path}", "--train_steps=3", "--batch_size=32",
+        "--width_multiplier=0.125", "--eval_split=", *method_flags,
+    )  # fmt: skip
+    assert status == 0, stderr[-3000:]
     with open(os.path.join(tmp_path, "train_log.jsonl"), encoding="utf-8") as file:
         log = [json.loads(line) for line in file]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
 
 
-def test_moco_flag_errors(cifar10_500, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "simclr_keras.train", f"--dataset=folder:{cifar10_500}",
-            f"--model_dir={tmp_path}", "--train_steps=1", "--batch_size=32", "--method=moco_v2",
-            "--moco_queue_size=16",
-        ],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 1
-    assert "error: --moco_queue_size=16 is smaller than the 64 keys of one step." in result.stderr
-    assert "Traceback" not in result.stderr
+# The MoCo flag errors (queue smaller than one step's keys, BatchNorm groups that do not divide the
+# batch) are tested with the other training flag errors, in tests/test_train_cli.py.
 
 
 def float_views(n=8, seed=3):
@@ -156,7 +152,7 @@ def float_views(n=8, seed=3):
 
 def test_key_network_normalises_with_batch_statistics_like_the_query_network():
     # A head with BatchNorm too (MoCo's own has none), so that the head's BatchNorm is checked as well.
-    model = tiny_moco(batch_norm_splits=1, proj_batch_norm="all")
+    model = tiny_moco(moco_bn_splits=1, proj_batch_norm="all")
     views = float_views()
     for query_layer, key_layer, inputs in [
         (model.encoder, model.key_encoder, views),
@@ -174,7 +170,7 @@ def test_key_network_normalises_with_batch_statistics_like_the_query_network():
 
 
 def test_query_and_key_encoders_normalise_each_group_of_each_view_separately():
-    model = tiny_moco(batch_norm_splits=2)  # per view: 8 images in 2 groups of 4
+    model = tiny_moco(moco_bn_splits=2)  # per view: 8 images in 2 groups of 4
     views = tf.concat([float_views(seed=3), float_views(seed=4)], axis=0)  # (16, S, S, 3): two view batches
 
     def project(encoder, head, images):  # one group alone: Keras' own BatchNorm on its statistics
@@ -219,10 +215,11 @@ def demo_objective(model, view1, view2):
     return contrastive_loss(view1, view2) + contrastive_loss(view2, view1)
 
 
+@pytest.mark.slow
 def test_one_sgd_step_descends_the_demos_sum_of_both_directions():
     from fixed_views import AlternatingViews
 
-    model = tiny_moco(batch_norm_splits=1, num_classes=None)
+    model = tiny_moco(moco_bn_splits=1, num_classes=None)
     model.augmenter = AlternatingViews()
     learning_rate = 0.5
     model.compile(optimizer=keras.optimizers.SGD(learning_rate))

@@ -91,6 +91,7 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name} was committed with outputs"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(cifar10_500, tmp_path):
     notebook, seconds = run_notebook(
         "quickstart.ipynb",
@@ -115,6 +116,7 @@ def test_quickstart_notebook_runs(cifar10_500, tmp_path):
     assert os.path.isfile(tmp_path / "export" / "1" / "saved_model.pb")
 
 
+@pytest.mark.slow
 def test_linear_probe_notebook_pretrains_exports_and_measures(cifar10_500, tmp_path):
     notebook, seconds = run_notebook(
         "linear_probe.ipynb",

@@ -223,6 +223,7 @@ def test_imported_model_reproduces_the_reference_at_224_pixels_and_in_training_m
         np.testing.assert_allclose(z, expected["proj_head_output"], rtol=0, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_v1_checkpoint_without_projection_head_gets_a_new_two_layer_head(tmp_path):
     network = OfficialNetwork(depth=50, width=1 / 16, proj_layers=0, num_classes=10)
     path = save_fake_official(tmp_path / "saved_model", network, network.random_values())
@@ -328,8 +329,8 @@ def test_command_line_writes_an_export_and_a_run(tmp_path):
 
 def test_readme_example_runs(make_fake_official):
     path, network, values = make_fake_official(0)
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as file:
-        readme = file.read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "serving.md"), encoding="utf-8") as file:
+        readme = file.read()  # the official weights' section, moved there from the README
     section = readme[readme.index("## Official SimCLR weights"):]
     example = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
     assert '"r50_1x_sk0/saved_model"' in example, "the README example changed: update this test"

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from config_round_trip import assert_config_round_trip
 
 from simclr_keras.optimizers import (
     LARS,
@@ -306,7 +307,7 @@ def test_warmup_cosine_schedule_without_warmup_and_config():
         "warmup_steps": 100,
         "name": None,
     }
-    assert WarmupCosineDecay.from_config(config).get_config() == config
+    assert_config_round_trip(WarmupCosineDecay(0.3, total_steps=1000, warmup_steps=100), **config)
 
 
 @pytest.mark.parametrize(
@@ -315,6 +316,7 @@ def test_warmup_cosine_schedule_without_warmup_and_config():
         ({"base_learning_rate": 1.0, "total_steps": 0}, "total_steps=0"),
         ({"base_learning_rate": 1.0, "total_steps": 10, "warmup_steps": 11}, "warmup_steps=11"),
         ({"base_learning_rate": -1.0, "total_steps": 10}, "base_learning_rate=-1.0"),
+        ({"base_learning_rate": float("nan"), "total_steps": 10}, "base_learning_rate=nan"),
     ],
 )
 def test_warmup_cosine_schedule_bad_arguments(arguments, message):

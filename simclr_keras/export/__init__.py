@@ -22,6 +22,7 @@ weights are stored only once. TF Serving ignores assets.extra/.
 The command line is `python -m simclr_keras.export` (simclr_keras/export/__main__.py).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,10 @@ import tempfile
 import keras
 import tensorflow as tf
 
-__all__ = ["EvaluationPreprocessing", "export_encoder", "export_versions", "load_encoder", "resolve_version_dir"]
+__all__ = [
+    "EvaluationPreprocessing", "ExportedParts", "export_encoder", "export_versions", "load_encoder",
+    "load_exported_parts", "resolve_version_dir",
+]  # fmt: skip
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "images"
@@ -222,7 +226,33 @@ def load_encoder(path, head_layer=0):
     Raises:
       FileNotFoundError: path holds no SavedModel, or one not written by `export_encoder`.
     """
-    version_dir = resolve_version_dir(path)
+    parts = load_exported_parts(path, head_layer)
+    images = keras.Input(shape=(None, None, 3), dtype="uint8", name=INPUT_NAME)
+    views = EvaluationPreprocessing(parts.augmenter, name="preprocessing")(images)  # (B, S, S, 3)
+    features = parts.encoder(views)
+    if parts.projection_head is not None:
+        features = parts.projection_head(features, head_layer=head_layer)
+    return keras.Model(images, features, name="simclr_encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedParts:
+    """What `export_encoder` wrote, rebuilt as Keras objects with the exported weights.
+
+    encoder: keras.Model, float images in [0, 1] of the training size -> h [B, D] (trainable).
+    augmenter: the run's `SimCLRAugmentation`; `augmenter(images, training=False)` is the
+      evaluation preprocessing of the signature.
+    projection_head: the exported `ProjectionHead` with its weights, or None (head_layer 0).
+    version_dir: the version folder read.
+    """
+
+    encoder: keras.Model
+    augmenter: keras.layers.Layer
+    projection_head: keras.layers.Layer | None
+    version_dir: str
+
+
+def _read_metadata(version_dir):
     metadata_path = os.path.join(version_dir, METADATA_PATH)
     if not os.path.isfile(metadata_path):
         raise FileNotFoundError(
@@ -230,7 +260,18 @@ def load_encoder(path, head_layer=0):
             "use tf.saved_model.load or keras.layers.TFSMLayer for inference instead."
         )
     with open(metadata_path, encoding="utf-8") as file:
-        metadata = json.load(file)
+        return json.load(file)
+
+
+def load_exported_parts(path, head_layer=0):
+    """The encoder, augmenter and (with `head_layer` > 0) projection head of an export, as Keras objects.
+
+    The configs come from assets.extra/, the weights from the SavedModel's variables (a checkpoint
+    of `_ServingModule`), so they are stored once. `load_encoder` assembles these parts into one
+    model. Raises FileNotFoundError as `load_encoder` does, ValueError for a head_layer the head lacks.
+    """
+    version_dir = resolve_version_dir(path)
+    metadata = _read_metadata(version_dir)
     encoder = keras.saving.deserialize_keras_object(metadata["encoder"])
     parts = {"encoder_variables": _variables_by_path(encoder)}
     head = None
@@ -245,15 +286,10 @@ def load_encoder(path, head_layer=0):
         if not head.built:  # the serialized config usually carries its build shape
             head.build((None, int(encoder.output.shape[-1])))
         parts["projection_head_variables"] = _variables_by_path(head)
-    # The SavedModel's variables are a checkpoint of _ServingModule; the head's only when needed.
-    # read(), unlike restore(), adds no save counter that the SavedModel would lack.
+    # The head's variables are read only when needed. read(), unlike restore(), adds no save
+    # counter that the SavedModel would lack.
     tf.train.Checkpoint(**parts).read(
         os.path.join(version_dir, "variables", "variables")
     ).expect_partial().assert_existing_objects_matched()
-
-    images = keras.Input(shape=(None, None, 3), dtype="uint8", name=INPUT_NAME)
-    views = EvaluationPreprocessing(metadata["augmenter"], name="preprocessing")(images)  # (B, S, S, 3)
-    features = encoder(views)
-    if head is not None:
-        features = head(features, head_layer=head_layer)
-    return keras.Model(images, features, name="simclr_encoder")
+    augmenter = keras.saving.deserialize_keras_object(metadata["augmenter"])
+    return ExportedParts(encoder, augmenter, head, version_dir)

@@ -8,9 +8,8 @@ the optimizer step scaled for replicas, per-step logs, evaluation of the probe a
 import keras
 import tensorflow as tf
 
-from simclr_keras.augment import SimCLRAugmentation
-from simclr_keras.backbones import resnet
-from simclr_keras.heads import LinearProbe, ProjectionHead
+from simclr_keras import model_config
+from simclr_keras.heads import LinearProbe
 
 
 class ContrastiveModel(keras.Model):
@@ -68,10 +67,8 @@ class ContrastiveModel(keras.Model):
         super().__init__(**kwargs)
         if not objective_scale > 0:
             raise ValueError(f"objective_scale must be > 0, got {objective_scale!r}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}.")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be None or >= 2, got {num_classes!r}.")
+        model_config.check_value("temperature", temperature)
+        model_config.check_value("num_classes", num_classes)
         if freeze_encoder and not num_classes:
             raise ValueError("freeze_encoder=True trains only the linear probe, so it needs num_classes.")
         self.encoder = encoder
@@ -242,50 +239,3 @@ class ContrastiveModel(keras.Model):
         for key in ("encoder", "projection_head", "augmenter"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
-
-
-def build_components(
-    image_size=32,
-    backbone="resnet18",
-    width_multiplier=1,
-    proj_layers=2,
-    proj_dim=128,
-    color_jitter_strength=0.5,
-    use_blur=False,
-    synchronized_batch_norm=False,
-    seed=None,
-    proj_batch_norm="all",
-    proj_hidden_dim=None,
-    zero_init_residual=True,
-    crop_sampler="tensorflow",
-):
-    """(encoder, projection head, augmenter) from the settings of the command line and configs/.
-
-    `backbone` is "resnet18", "resnet34" or "resnet50"; the stem is chosen from `image_size` (CIFAR
-    stem at 32 px and below). `proj_batch_norm` and `proj_hidden_dim` are the head's `batch_norm`
-    and `hidden_dim` (see `heads.ProjectionHead`).
-    """
-    depths = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
-    if backbone not in depths:
-        raise ValueError(f"backbone must be one of {sorted(depths)}, got {backbone!r}.")
-    encoder = resnet(
-        depth=depths[backbone],
-        width_multiplier=width_multiplier,
-        image_size=image_size,
-        synchronized_batch_norm=synchronized_batch_norm,
-        zero_init_residual=zero_init_residual,
-        name="encoder",
-    )
-    head = ProjectionHead(
-        num_layers=proj_layers,
-        hidden_dim=proj_hidden_dim,
-        output_dim=proj_dim,
-        synchronized_batch_norm=synchronized_batch_norm,
-        batch_norm=proj_batch_norm,
-        name="projection_head",
-    )
-    augmenter = SimCLRAugmentation(
-        image_size, color_jitter_strength=color_jitter_strength, use_blur=use_blur, seed=seed,
-        crop_sampler=crop_sampler, name="augmenter",
-    )
-    return encoder, head, augmenter

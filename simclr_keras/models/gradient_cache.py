@@ -25,6 +25,8 @@ activations are alive at a time.
 import keras
 import tensorflow as tf
 
+from simclr_keras import model_config
+
 
 def check_micro_batch_size(micro_batch_size, per_replica_batch_size=None):
     """Raises ValueError unless micro_batch_size is None or an integer >= 1 dividing the batch.
@@ -33,12 +35,9 @@ def check_micro_batch_size(micro_batch_size, per_replica_batch_size=None):
       micro_batch_size: images per micro-batch (each contributes its 2 views), or None for none.
       per_replica_batch_size: images each replica trains on per step, when known.
     """
+    model_config.check_value("micro_batch_size", micro_batch_size)
     if micro_batch_size is None:
         return
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(
-            f"micro_batch_size must be an integer >= 1 (or None: one pass), got {micro_batch_size!r}."
-        )
     if per_replica_batch_size is not None and per_replica_batch_size % micro_batch_size:
         raise ValueError(
             f"micro_batch_size={micro_batch_size} must divide the {per_replica_batch_size} images each replica "

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_keras import model_config
 from simclr_keras.batch_norm import batch_norm_groups
 from simclr_keras.heads import ProjectionHead
-from simclr_keras.models.contrastive import ContrastiveModel, build_components
+from simclr_keras.models.contrastive import ContrastiveModel
 
 
 def moco_logits(queries, keys, queue, temperature):
@@ -99,12 +100,10 @@ class MoCo(ContrastiveModel):
         objective_scale=None,
         **kwargs,
     ):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size!r}.")
-        if isinstance(batch_norm_splits, bool) or not isinstance(batch_norm_splits, int) or batch_norm_splits < 1:
-            raise ValueError(f"batch_norm_splits must be an integer >= 1, got {batch_norm_splits!r}.")
+        # The ranges of ModelConfig's moco_momentum, moco_queue_size and moco_bn_splits.
+        model_config.check_value("moco_momentum", momentum, name="momentum")
+        model_config.check_value("moco_queue_size", queue_size, name="queue_size")
+        model_config.check_value("moco_bn_splits", batch_norm_splits, name="batch_norm_splits")
         if objective_scale is None:
             objective_scale = 2.0 if symmetric else 1.0  # the demo sums the two directions' losses
         super().__init__(*args, temperature=temperature, objective_scale=objective_scale, **kwargs)
@@ -234,51 +233,41 @@ class MoCo(ContrastiveModel):
         return super().from_config(config)
 
 
-def build_moco(
-    image_size=32,
-    backbone="resnet18",
-    width_multiplier=1,
-    proj_layers=2,
-    proj_dim=128,
-    temperature=0.2,
-    color_jitter_strength=0.5,
-    use_blur=False,
-    num_classes=None,
-    freeze_encoder=False,
-    synchronized_batch_norm=False,
-    momentum=0.99,
-    queue_size=4096,
-    symmetric=True,
-    batch_norm_splits=8,
-    seed=None,
-    proj_batch_norm="none",
-    proj_hidden_dim=None,
-    objective_scale=None,
-    zero_init_residual=True,
-    crop_sampler="tensorflow",
-):
-    """A MoCo v2 model from the settings of the command line (and of configs/moco_v2_cifar10.flags).
+# build_moco's keywords before ModelConfig -> the field (and flag) names.
+DEPRECATED_BUILD_MOCO_NAMES = {
+    "momentum": "moco_momentum",
+    "queue_size": "moco_queue_size",
+    "symmetric": "moco_symmetric",
+    "batch_norm_splits": "moco_bn_splits",
+    "synchronized_batch_norm": "global_bn",
+}
 
-    The head defaults to MoCo v2's own (`proj_batch_norm="none"`: Linear-ReLU-Linear with biases,
-    no BatchNorm; `main_moco.py --mlp`), not SimCLR's.
+
+def build_moco(config=None, **settings):
+    """A MoCo v2 model from a `ModelConfig` (`simclr_keras.model_config`), or from its fields as keywords.
+
+        build_moco(ModelConfig(method="moco_v2", moco_queue_size=256))
+        build_moco(moco_queue_size=256)  # the same model
+
+    Keywords update `config` (default: `ModelConfig(method="moco_v2")`). The head defaults to MoCo v2's
+    own (`proj_batch_norm="none"`: Linear-ReLU-Linear with biases, no BatchNorm; `main_moco.py --mlp`),
+    the temperature to 0.2. The old keywords `momentum`, `queue_size`, `symmetric`, `batch_norm_splits`
+    and `synchronized_batch_norm` still work (deprecated; they are the `moco_*` fields and `global_bn`).
     """
-    encoder, head, augmenter = build_components(
-        image_size, backbone, width_multiplier, proj_layers, proj_dim, color_jitter_strength, use_blur,
-        synchronized_batch_norm, seed, proj_batch_norm, proj_hidden_dim, zero_init_residual=zero_init_residual,
-        crop_sampler=crop_sampler,
-    )
+    config = model_config.model_config_from_settings(config, settings, "moco_v2", renamed=DEPRECATED_BUILD_MOCO_NAMES)
+    encoder, head, augmenter = model_config.build_components(config)
     return MoCo(
         encoder=encoder,
         projection_head=head,
         augmenter=augmenter,
-        temperature=temperature,
-        num_classes=num_classes,
-        freeze_encoder=freeze_encoder,
-        synchronized_batch_norm=synchronized_batch_norm,
-        momentum=momentum,
-        queue_size=queue_size,
-        symmetric=symmetric,
-        batch_norm_splits=batch_norm_splits,
-        objective_scale=objective_scale,
+        temperature=config.resolved_temperature,
+        num_classes=config.num_classes,
+        freeze_encoder=config.freeze_encoder,
+        synchronized_batch_norm=config.global_bn,
+        momentum=config.moco_momentum,
+        queue_size=config.moco_queue_size,
+        symmetric=config.moco_symmetric,
+        batch_norm_splits=config.moco_bn_splits,
+        objective_scale=config.objective_scale,
         name="moco",
     )

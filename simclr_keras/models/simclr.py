@@ -3,11 +3,11 @@
 import keras
 import tensorflow as tf
 
-from simclr_keras import losses
+from simclr_keras import losses, model_config
 from simclr_keras.models import gradient_cache
-from simclr_keras.models.contrastive import ContrastiveModel, build_components
+from simclr_keras.models.contrastive import ContrastiveModel
 
-CONTRASTIVE_LOSSES = ("nt_xent", "hard_negative")
+CONTRASTIVE_LOSSES = model_config.LOSSES
 
 
 @keras.saving.register_keras_serializable(package="simclr_keras")
@@ -90,50 +90,32 @@ class SimCLR(ContrastiveModel):
         return config
 
 
-def build_simclr(
-    image_size=32,
-    backbone="resnet18",
-    width_multiplier=1,
-    proj_layers=2,
-    proj_dim=128,
-    temperature=0.5,
-    color_jitter_strength=0.5,
-    use_blur=False,
-    num_classes=None,
-    freeze_encoder=False,
-    synchronized_batch_norm=False,
-    loss="nt_xent",
-    hard_negative_beta=1.0,
-    debias_tau_plus=0.1,
-    seed=None,
-    micro_batch_size=None,
-    proj_batch_norm="all",
-    proj_hidden_dim=None,
-    objective_scale=None,
-    zero_init_residual=True,
-    crop_sampler="tensorflow",
-):
-    """A SimCLR model from the settings of the command line (and of the configs/ recipes).
+def build_simclr(config=None, **settings):
+    """A SimCLR model from a `ModelConfig` (`simclr_keras.model_config`), or from its fields as keywords.
 
-    `objective_scale=None` is SimCLR's default, the official objective (2 x the logged loss).
+        build_simclr(ModelConfig(width_multiplier=0.5, proj_layers=3))
+        build_simclr(width_multiplier=0.5, proj_layers=3)  # the same model
+
+    Keywords update `config` (default: `ModelConfig()`). `objective_scale=None` is SimCLR's default,
+    the official objective (2 x the logged loss). The old keyword `synchronized_batch_norm` still
+    works (deprecated; it is `global_bn`).
     """
-    encoder, head, augmenter = build_components(
-        image_size, backbone, width_multiplier, proj_layers, proj_dim, color_jitter_strength, use_blur,
-        synchronized_batch_norm, seed, proj_batch_norm, proj_hidden_dim, zero_init_residual=zero_init_residual,
-        crop_sampler=crop_sampler,
+    config = model_config.model_config_from_settings(
+        config, settings, "simclr", renamed={"synchronized_batch_norm": "global_bn"}
     )
+    encoder, head, augmenter = model_config.build_components(config)
     return SimCLR(
         encoder=encoder,
         projection_head=head,
         augmenter=augmenter,
-        temperature=temperature,
-        num_classes=num_classes,
-        freeze_encoder=freeze_encoder,
-        synchronized_batch_norm=synchronized_batch_norm,
-        loss=loss,
-        hard_negative_beta=hard_negative_beta,
-        debias_tau_plus=debias_tau_plus,
-        micro_batch_size=micro_batch_size,
-        objective_scale=2.0 if objective_scale is None else objective_scale,
+        temperature=config.resolved_temperature,
+        num_classes=config.num_classes,
+        freeze_encoder=config.freeze_encoder,
+        synchronized_batch_norm=config.global_bn,
+        loss=config.loss,
+        hard_negative_beta=config.hard_negative_beta,
+        debias_tau_plus=config.debias_tau_plus,
+        micro_batch_size=config.micro_batch_size,
+        objective_scale=2.0 if config.objective_scale is None else config.objective_scale,
         name="simclr",
     )

@@ -118,7 +118,8 @@ def run_ours_no_augment():
             step_ends.append(time.perf_counter())
 
     start = time.perf_counter()
-    model.fit(tf.data.Dataset.from_tensors(views).repeat(), steps_per_epoch=FLAGS.steps, callbacks=[StepTimes()], verbose=0)
+    dataset = tf.data.Dataset.from_tensors(views).repeat()
+    model.fit(dataset, steps_per_epoch=FLAGS.steps, callbacks=[StepTimes()], verbose=0)
     ends = [start] + step_ends
     return _median_rate([later - earlier for earlier, later in zip(ends, ends[1:])], 2 * FLAGS.batch_size)
 
@@ -159,7 +160,9 @@ def run_peer():
     if FLAGS.optimizer == "lars":
         optimizer = LARS(model.parameters(), lr=learning_rate, momentum=0.9, weight_decay=1e-4)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=1e-4
+        )
     views = torch.rand(2 * FLAGS.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     bfloat16 = FLAGS.precision == "mixed_bfloat16"
     step_seconds = []
@@ -253,12 +256,15 @@ def main(argv):
             load = os.getloadavg()[0]  # other work on the machine shows here (rounds are not locked against it)
             rates[side].append(_run_side(side))
             loads.setdefault(side, []).append(load)
-            print(f"round {round_index + 1} {side}: {rates[side][-1]:.1f} images/s (load before: {load:.2f})", flush=True)
+            rate = rates[side][-1]
+            print(f"round {round_index + 1} {side}: {rate:.1f} images/s (load before: {load:.2f})", flush=True)
     medians, ratios = _print_table(rates, machine)
     if FLAGS.output:
         settings = {
             name: FLAGS[name].value
-            for name in ("width_multiplier", "batch_size", "precision", "optimizer", "steps", "warmup_steps", "rounds", "ours_flags")
+            for name in (
+                "width_multiplier", "batch_size", "precision", "optimizer", "steps", "warmup_steps", "rounds", "ours_flags",
+            )
         }  # fmt: skip
         with open(FLAGS.output, "w", encoding="utf-8") as file:
             json.dump(

@@ -2,6 +2,17 @@
 
 import sys
 
+from simclr_keras import config_flags
+
+
+def exit_if_invalid(config):
+    """Prints each of `config.validate()`'s problems as one `error: --flag ...` line; exit status 2 if any."""
+    problems = config.validate()
+    for problem in problems:
+        print(f"error: {config_flags.as_flag_message(problem, type(config))}", file=sys.stderr)
+    if problems:
+        sys.exit(2)
+
 
 def fail(message):
     """Ends the command with a one-line `error: ...` on stderr, exit status 1, and no traceback."""

@@ -41,11 +41,7 @@ def main(argv, flag_values=FLAGS):
     logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would bury the result
     cli.reject_positional_arguments(argv)
     config = config_flags.config_from_flags(EvalConfig, flag_values)
-    problems = config.validate()
-    for problem in problems:
-        print(f"error: {config_flags.as_flag_message(problem, EvalConfig)}", file=sys.stderr)
-    if problems:
-        sys.exit(2)
+    cli.exit_if_invalid(config)
     # TensorFlow loads here, after validation: --help and flag errors are instant.
     from simclr_keras import data
     from simclr_keras.eval_run import EvaluationError, evaluate_encoder

@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 
 from simclr_keras import config_flags
-from simclr_keras.cli import reject_positional_arguments
+from simclr_keras.cli import exit_if_invalid, reject_positional_arguments
 from simclr_keras.train_config import ConfigError, TrainConfig
 
 FLAGS = flags.FLAGS
@@ -40,11 +40,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would bury the progress bar
     reject_positional_arguments(argv)
     config = config_flags.config_from_flags(TrainConfig, FLAGS)
-    problems = config.validate()
-    for problem in problems:
-        print(f"error: {config_flags.as_flag_message(problem, TrainConfig)}", file=sys.stderr)
-    if problems:
-        sys.exit(2)
+    exit_if_invalid(config)
     # Only now TensorFlow loads (inside pretrain, once the run directory is locked).
     from simclr_keras.train_run import NON_FINITE, STOPPED_BY_SIGNAL, pretrain
     from simclr_keras.write_failure import WriteFailure, stop_message

@@ -255,7 +255,7 @@ def _build_model(config, run):
         model.compile(optimizer=optimizer)
         save_dir = None if run.chief else os.path.join(run.output_dir, runs.CHECKPOINTS)
         try:
-            manager, start_step = runs.make_checkpoint_manager(model, config.model_dir + "_elsewhere", save_dir=save_dir)
+            manager, start_step = runs.make_checkpoint_manager(model, config.model_dir, save_dir=save_dir)
         except ValueError as error:
             raise ConfigError(
                 f"model_dir={config.model_dir} cannot be resumed with these settings: {error}. Use the settings of "

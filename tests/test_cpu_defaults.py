@@ -36,7 +36,7 @@ def _environment_without_choice():
         ({}, "Darwin", "x86_64", False, None),
     ],
 )
-def test_enable_onednn_sets_the_variable_only_where_it_is_unset_and_takes_effect(environ, system, machine, loaded, expected):
+def test_enable_onednn_sets_the_variable_only_where_it_is_unset(environ, system, machine, loaded, expected):
     environ = dict(environ)
     cpu_defaults.enable_onednn(environ, system=system, machine=machine, tensorflow_loaded=loaded)
     assert environ.get(cpu_defaults.ONEDNN_VARIABLE) == expected

@@ -20,10 +20,14 @@ import pytest
 
 from simclr_keras import backbones, evaluation
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in ("torch", "torchvision", "lightly")),
-    reason="torch, torchvision and lightly (the bench extra) are not installed",
-)
+# Slow: the torch side starts in a subprocess (~30 s); torch is the optional bench extra.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(name) is None for name in ("torch", "torchvision", "lightly")),
+        reason="torch, torchvision and lightly (the bench extra) are not installed",
+    ),
+]
 
 BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 WIDTHS = (0.25, 0.5)

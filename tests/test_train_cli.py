@@ -343,6 +343,8 @@ def test_pretrain_trains_and_a_second_call_continues_the_global_step(cifar_100_i
     assert latest_step(model_dir) == checkpointed_iterations(model_dir) == 5
     log = read_log(model_dir)
     assert [record["step"] for record in log] == [1, 2, 3, 4, 5] and log[:2] == first_log
+    # The second call took only steps 3-5 (a run that restored nothing would redo 1-5, rewriting 1 and 2).
+    assert [record["step"] for record in log if record["time"] > first_log[-1]["time"]] == [3, 4, 5]
     # The schedule continues too: step 3's rate is the warm-up's 3rd value over the 5-step run, not its 1st.
     peak = 0.5 * 16 / 256
     assert [round(record["learning_rate"], 7) for record in log[2:]] == [round(peak * k / 5, 7) for k in (2, 3, 4)]

@@ -558,6 +558,7 @@ def _fit_on_new_features_each_epoch(
 
 def _copy_of_head(projection_head, head_layer):
     """A trainable copy of a projection head whose layers after `head_layer` are frozen (unused)."""
+    projection_head._check_head_layer(head_layer)  # its message names head_layer and the range (none without a head)
     copy = projection_head.__class__.from_config(projection_head.get_config())
     copy.build((None, int(projection_head.dense_layers[0].kernel.shape[0])))
     copy.set_weights(projection_head.get_weights())

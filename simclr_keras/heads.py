@@ -27,8 +27,9 @@ class ProjectionHead(keras.layers.Layer):
     """Non-linear projection head z = g(h).
 
     Args:
-        num_layers: number of Dense + BatchNorm layers (>= 1); 2 is SimCLR v1,
-            3 is SimCLR v2.
+        num_layers: number of Dense + BatchNorm layers; 2 is SimCLR v1,
+            3 is SimCLR v2, 0 is no head (z = h, the identity: the paper's
+            "none" arm of Fig. 8, the official code's `proj_head_mode='none'`).
         hidden_dim: width of the hidden layers; None uses the width of the
             input h, as the official code.
         output_dim: width of z (128 in the paper).
@@ -67,9 +68,9 @@ class ProjectionHead(keras.layers.Layer):
             raise ValueError(
                 f"batch_norm must be one of {list(HEAD_BATCH_NORMS)}, received batch_norm={batch_norm!r}."
             )
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
             raise ValueError(
-                "num_layers must be an integer >= 1, received "
+                "num_layers must be an integer >= 0 (0: no head, z = h), received "
                 f"num_layers={num_layers!r}."
             )
         if hidden_dim is not None and (
@@ -169,6 +170,11 @@ class ProjectionHead(keras.layers.Layer):
     def _check_head_layer(self, head_layer):
         if head_layer is None:
             return self.num_layers
+        if self.num_layers == 0 and head_layer != 0:
+            raise ValueError(
+                f"head_layer must be 0 (h): this model was trained without a projection head (proj_layers=0), "
+                f"received head_layer={head_layer!r}."
+            )
         if isinstance(head_layer, bool) or not isinstance(head_layer, int) or not 0 <= head_layer <= self.num_layers:
             raise ValueError(
                 f"head_layer must be an integer in [0, {self.num_layers}] (0: h, "

@@ -33,10 +33,13 @@ VALUE_RULES = {
     "objective_scale": (lambda v: v is None or (_number(v) and v > 0), "> 0 (or None: the method's)"),
     "width_multiplier": (lambda v: _number(v) and v > 0, "> 0"),
     "image_size": (lambda v: _integer(v) and v >= 8, ">= 8"),
-    "proj_layers": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "proj_layers": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no projection head, the loss on h)"),
     "proj_dim": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     "proj_hidden_dim": (lambda v: v is None or (_integer(v) and v >= 0), "an integer >= 0 (0: the width of h)"),
     "color_jitter_strength": (lambda v: _number(v) and v >= 0, ">= 0"),
+    "color_jitter_probability": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
+    "grayscale_probability": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
+    "flip_probability": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
     "num_classes": (lambda v: v is None or (_integer(v) and v >= 2), "None or an integer >= 2"),
     "hard_negative_beta": (lambda v: _number(v) and v >= 0, ">= 0"),
     "debias_tau_plus": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
@@ -72,6 +75,11 @@ def method_problems(settings):
     problems = []
     if settings.method == "moco_v2" and settings.loss != "nt_xent":
         problems.append(f"loss={settings.loss} applies to method=simclr; MoCo v2 uses its InfoNCE loss with a queue.")
+    if settings.method == "moco_v2" and settings.proj_layers == 0:
+        problems.append(
+            "proj_layers=0 (no projection head, the loss on h) applies to method=simclr; MoCo v2 keeps its "
+            "head: use proj_layers >= 1."
+        )
     if settings.method == "moco_v2" and settings.micro_batch_size is not None:
         problems.append(
             f"micro_batch_size={settings.micro_batch_size} applies to method=simclr; MoCo v2 takes its negatives "
@@ -86,7 +94,7 @@ class ModelConfig:
 
     None for `temperature`, `proj_batch_norm` and `objective_scale` means the method's default: 0.5, "all"
     and 2 for SimCLR; 0.2, "none" (MoCo v2's Linear-ReLU-Linear head) and 2 (symmetric) or 1 for MoCo v2.
-    `proj_hidden_dim` 0 or None: the width of h. `global_bn`: synchronized BatchNorm across replicas.
+    `proj_hidden_dim` 0 or None: the width of h; `proj_layers` 0: no head (z = h, SimCLR only). `global_bn`: synchronized BatchNorm across replicas.
     """
 
     method: str = "simclr"
@@ -101,6 +109,9 @@ class ModelConfig:
     temperature: float = None
     objective_scale: float = None
     color_jitter_strength: float = 0.5
+    color_jitter_probability: float = 0.8
+    grayscale_probability: float = 0.2
+    flip_probability: float = 0.5
     crop_sampler: str = "tensorflow"
     use_blur: bool = False
     global_bn: bool = False
@@ -208,8 +219,10 @@ def build_components(config):
         name="projection_head",
     )
     augmenter = SimCLRAugmentation(
-        config.image_size, color_jitter_strength=config.color_jitter_strength, use_blur=config.use_blur,
-        seed=config.seed, crop_sampler=config.crop_sampler, name="augmenter",
+        config.image_size, color_jitter_strength=config.color_jitter_strength,
+        color_jitter_probability=config.color_jitter_probability, grayscale_probability=config.grayscale_probability,
+        flip_probability=config.flip_probability, use_blur=config.use_blur, seed=config.seed,
+        crop_sampler=config.crop_sampler, name="augmenter",
     )  # fmt: skip
     return encoder, head, augmenter
 

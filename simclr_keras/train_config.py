@@ -47,7 +47,9 @@ class TrainConfig:
     zero_init_residual: bool = bool_field(
         True, "Start the last BatchNorm gamma of every residual block at 0, as the official ResNet (init_zero); False: at 1."
     )
-    proj_layers: int = integer_field(2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2.")
+    proj_layers: int = integer_field(
+        2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2, 0 = no head (the loss on h; SimCLR only, paper Fig. 8)."
+    )
     proj_dim: int = integer_field(128, "Output dimension of the projection head.")
     proj_batch_norm: str = enum_field(
         None, model_config.HEAD_BATCH_NORMS,
@@ -76,6 +78,9 @@ class TrainConfig:
     freeze_encoder: bool = bool_field(False, "Train only the online probe on a frozen, randomly initialised encoder (baseline).")
     # Augmentation
     color_jitter_strength: float = float_field(0.5, "Colour distortion strength s (0.5 for CIFAR, 1.0 for ImageNet).")
+    color_jitter_probability: float = float_field(0.8, "Probability of applying the colour jitter to a view (0: never).")
+    grayscale_probability: float = float_field(0.2, "Probability of turning a view to grayscale (the paper's colour drop).")
+    flip_probability: float = float_field(0.5, "Probability of flipping a view horizontally.")
     crop_sampler: str = enum_field(
         "tensorflow", model_config.CROP_SAMPLERS,
         "Random crops: 'tensorflow' (tf.image.sample_distorted_bounding_box, the official code's) or 'torchvision' "

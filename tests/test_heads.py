@@ -154,7 +154,7 @@ def test_mixed_precision_output_is_float32():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"num_layers": 0}, "num_layers=0"),
+        ({"num_layers": -1}, "num_layers=-1"),
         ({"output_dim": 0}, "output_dim=0"),
         ({"output_dim": -3}, "output_dim=-3"),
         ({"hidden_dim": 0}, "hidden_dim=0"),

@@ -45,6 +45,10 @@ def _op_seconds(xplane_path):
             name = plane.event_metadata[event.metadata_id].name  # "scope/op_name:OpType"
             if ":" in name and "::" not in name:  # ops, not the executor's own events ("ExecutorState::Process")
                 seconds[name] += event.duration_ps / 1e12
+            elif name == "CpuExecutable::ExecuteAsyncOnStream":
+                # An XLA computation: its kernels run on XLA's threads, unnamed; without --jit_compile
+                # the only one in the step is the augmenter's training view (its jit_compile="auto").
+                seconds["augmenter/xla:XLA computation"] += event.duration_ps / 1e12
     return seconds
 
 

@@ -555,29 +555,57 @@ def adjust_contrast(images, factors):
     return (images - means) * _per_image(factors) + means
 
 
-def _scale_saturation(saturation, factors):
-    """[B, H, W] HSV saturation times a per-image factor, clipped to [0, 1]."""
-    return tf.clip_by_value(saturation * _per_image(factors)[..., 0], 0.0, 1.0)
+def _value_and_chroma(images):
+    """HSV value V = max(r, g, b) and chroma C = V - min(r, g, b), each [B, H, W, 1], and the channels."""
+    red, green, blue = tf.unstack(images, axis=-1)  # [B, H, W] each
+    value = tf.maximum(red, tf.maximum(green, blue))
+    chroma = value - tf.minimum(red, tf.minimum(green, blue))
+    return (red, green, blue), value[..., None], chroma[..., None]
 
 
-def _shift_hue(hue, deltas):
-    """[B, H, W] HSV hue in [0, 1) rotated by a per-image delta."""
-    hue = hue + _per_image(deltas)[..., 0]
-    return hue - tf.floor(hue)
+def _saturation_scale(value, chroma, factors):
+    """Per-pixel k [B, H, W, 1] with which c -> V - k (V - c) scales the HSV saturation S = C / V.
+
+    The map keeps V and the hue and multiplies C by k, so S becomes clip(S * factor, 0, 1) for
+    k = min(factor S, 1) / S = min(factor, V / C); k is 0 where C = 0 (gray: nothing to scale)
+    and where V <= 0, where `tf.image.adjust_saturation` sets S to 0 (only bicubic overshoot
+    below 0 gets there; `adjust_hue` keeps C there, as `tf.image.adjust_hue` does).
+    """
+    return tf.maximum(tf.minimum(_per_image(factors), tf.math.divide_no_nan(value, chroma)), 0.0)
+
+
+def _rotated_hue_colours(channels, value, chroma, deltas):
+    """RGB [B, H, W, 3] of the same V and C with the hue (in turns) rotated by a per-image delta.
+
+    The hue in sixths of a turn is TF's `rgb_to_hsv` formula; the colour of hue h is
+    V - C clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b (the
+    closed form of `hsv_to_rgb`'s six sectors), whose modulo also wraps the rotated hue.
+    """
+    red, green, blue = channels
+    value, chroma = value[..., 0], chroma[..., 0]
+    inverse_chroma = tf.math.divide_no_nan(tf.ones_like(chroma), chroma)
+    sixths = tf.where(
+        red == value,
+        (green - blue) * inverse_chroma,
+        tf.where(green == value, (blue - red) * inverse_chroma + 2.0, (red - green) * inverse_chroma + 4.0),
+    )  # [B, H, W], in (-1, 5]
+    sixths = (sixths + 6.0 * _per_image(deltas)[..., 0])[..., None]
+    sector = sixths + tf.constant([5.0, 3.0, 1.0])  # [B, H, W, 3]
+    sector = sector - 6.0 * tf.floor(sector / 6.0)  # in [0, 6); tf.math.floormod took 2.5x as long under XLA
+    return value[..., None] - chroma[..., None] * tf.clip_by_value(tf.minimum(sector, 4.0 - sector), 0.0, 1.0)
 
 
 def adjust_saturation(images, factors):
-    """Per-image `tf.image.adjust_saturation`: S = clip(S * factor, 0, 1) in HSV."""
-    hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-    saturation = _scale_saturation(saturation, factors)
-    return tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+    """Per-image `tf.image.adjust_saturation`: S = clip(S * factor, 0, 1) in HSV, computed in RGB."""
+    _, value, chroma = _value_and_chroma(images)
+    scale = _saturation_scale(value, chroma, factors)
+    return value - scale * (value - images)
 
 
 def adjust_hue(images, deltas):
-    """Per-image `tf.image.adjust_hue`: H = (H + delta) mod 1 in HSV."""
-    hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-    hue = _shift_hue(hue, deltas)
-    return tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+    """Per-image `tf.image.adjust_hue`: H = (H + delta) mod 1 in HSV, computed in RGB."""
+    channels, value, chroma = _value_and_chroma(images)
+    return _rotated_hue_colours(channels, value, chroma, deltas)
 
 
 def to_grayscale(images):
@@ -610,11 +638,13 @@ def sample_color_jitter_parameters(seed, batch_size, strength=1.0):
 def color_jitter(images, parameters):
     """Applies the four colour operations in each image's own order, clipping after each.
 
-    At each of the four steps every image needs one operation. Brightness and contrast are
-    evaluated for the whole batch, and saturation and hue share a single HSV round trip
-    in which each image changes only the channel its operation names; each image then
-    keeps its own operation's result. This stays batched at the cost of evaluating a few
-    cheap operations that are thrown away.
+    At each of the four steps every image needs one operation. Brightness, contrast and
+    saturation are all affine maps of the RGB values (c -> scale c + offset: a per-image scale
+    for the first two, a per-pixel one for saturation, see `_saturation_scale`), so one
+    multiply-add with each image's own coefficients applies whichever of them it needs; the hue
+    rotation is computed for the whole batch and kept where an image needs it. Everything stays
+    batched, and nothing converts to HSV and back (op by op on a CPU, `tf.image.rgb_to_hsv` took
+    39% of the op time of a loop that did).
 
     Args:
         images: float32 [B, H, W, 3].
@@ -623,28 +653,21 @@ def color_jitter(images, parameters):
     Returns:
         float32 [B, H, W, 3] in [0, 1].
     """
+    contrast = _per_image(parameters["contrast"])
     for step in range(4):
-        # [B, 1, 1, 1] for choosing between images, [B, 1, 1] for HSV channels.
         operation = tf.reshape(parameters["order"][:, step], [-1, 1, 1, 1])
-        channel_operation = operation[..., 0]
-        hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-        hue = _select(channel_operation == _HUE, _shift_hue(hue, parameters["hue"]), hue)
-        saturation = _select(
-            channel_operation == _SATURATION,
-            _scale_saturation(saturation, parameters["saturation"]),
-            saturation,
+        # 0/1 per image [B, 1, 1, 1]: which operation this step applies.
+        brightness_step, contrast_step, saturation_step, hue_step = (
+            tf.cast(operation == index, tf.float32) for index in (_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE)
         )
-        recoloured = tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
-        images = _select(
-            operation == _BRIGHTNESS,
-            adjust_brightness(images, parameters["brightness"]),
-            _select(
-                operation == _CONTRAST,
-                adjust_contrast(images, parameters["contrast"]),
-                recoloured,
-            ),
-        )
-        images = tf.clip_by_value(images, 0.0, 1.0)
+        channels, value, chroma = _value_and_chroma(images)
+        saturation_scale = saturation_step * _saturation_scale(value, chroma, parameters["saturation"])
+        # [B, H, W, 1]; 0 for the hue images, whose colours come from the rotation alone.
+        scale = brightness_step * _per_image(parameters["brightness"]) + contrast_step * contrast + saturation_scale
+        means = tf.reduce_mean(images, axis=[1, 2], keepdims=True)  # [B, 1, 1, 3]
+        offset = contrast_step * (1.0 - contrast) * means + (saturation_step - saturation_scale) * value
+        hue = hue_step * _rotated_hue_colours(channels, value, chroma, parameters["hue"])
+        images = tf.clip_by_value(images * scale + offset + hue, 0.0, 1.0)
     return images
 
 
@@ -722,6 +745,12 @@ class SimCLRAugmentation(keras.layers.Layer):
             default): the official rule, 0.875 when the output is above 32 px, else 1.0.
         seed: int seed of the layer's seed generator, or None for a random one.
         blur_padding: "reflect" (default) or "zeros"; see `gaussian_blur_weights`.
+        jit_compile: whether the training view runs as one XLA computation: "auto" (default)
+            compiles it when the layer is called inside a `tf.function` (a Keras train step, a
+            `tf.data` map) and runs eager calls op by op, without a compilation wait; True or
+            False always or never. XLA fuses the colour operations' elementwise passes (on a
+            2-core CPU the training view of 256 32x32 images took about 11 ms compiled, 38 ms op
+            by op); the views agree to float rounding (see `test_xla_matches_eager_for_the_same_seed`).
     """
 
     def __init__(
@@ -741,6 +770,7 @@ class SimCLRAugmentation(keras.layers.Layer):
         seed=None,
         blur_padding="reflect",
         crop_sampler="tensorflow",
+        jit_compile="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -787,6 +817,10 @@ class SimCLRAugmentation(keras.layers.Layer):
         if crop_sampler not in CROP_SAMPLERS:
             raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got crop_sampler={crop_sampler!r}.")
         self.crop_sampler = crop_sampler
+        if jit_compile not in ("auto", True, False):
+            raise ValueError(f"jit_compile must be 'auto', True or False, got jit_compile={jit_compile!r}.")
+        self.jit_compile = jit_compile
+        self._compiled_training_view = None
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         # Inputs are often uint8; Keras must not cast them to the compute dtype first.
@@ -885,6 +919,15 @@ class SimCLRAugmentation(keras.layers.Layer):
 
         return tf.clip_by_value(images, 0.0, 1.0)
 
+    def _training_view_function(self):
+        """`_training_view`, or the same compiled with XLA where `jit_compile` asks for it."""
+        if self.jit_compile is False or (self.jit_compile == "auto" and tf.executing_eagerly()):
+            return self._training_view
+        if self._compiled_training_view is None:
+            # Traced once per input signature; the seed generator stays outside, in the caller's graph.
+            self._compiled_training_view = tf.function(self._training_view, jit_compile=True)
+        return self._compiled_training_view
+
     def call(self, images, training=True, seed=None):
         """Augments a batch [B, H, W, 3] (or one image [H, W, 3]).
 
@@ -917,7 +960,8 @@ class SimCLRAugmentation(keras.layers.Layer):
 
         def training_view():
             view_seed = seed if seed is not None else _distinct_per_replica(self.seed_generator.next())
-            return self._training_view(images, _as_seed(view_seed), image_heights, image_widths)
+            training_view_function = self._training_view_function()
+            return training_view_function(images, _as_seed(view_seed), image_heights, image_widths)
 
         def evaluation_view():
             return self._evaluation_view(images, image_heights, image_widths)
@@ -960,6 +1004,7 @@ class SimCLRAugmentation(keras.layers.Layer):
                 "seed": self.seed,
                 "blur_padding": self.blur_padding,
                 "crop_sampler": self.crop_sampler,
+                "jit_compile": self.jit_compile,
             }
         )
         return config

@@ -234,17 +234,53 @@ def test_color_jitter_parameter_ranges(strength):
     assert np.all(np.abs(first_counts / 500 - 0.25) < rate_tolerance(0.25, 500))
 
 
-def test_color_jitter_applies_tf_image_ops_in_each_images_order():
-    images = random_unit((6, 5, 4, 3), seed=4)
-    parameters = augment.sample_color_jitter_parameters(tf.constant([7, 8]), 6, 1.0)
-    result = augment.color_jitter(images, parameters)
+def special_pixels():
+    """[1, 3, 4, 3]: pixels where an RGB form of the HSV operations could go wrong: gray (C = 0), black,
+    white, all channels <= 0 (rgb_to_hsv sets S = 0), a minimum below 0 (S > 1, bicubic overshoot),
+    a maximum above 1, fully saturated, two channels tied at the maximum, a hue at the red/magenta wrap."""
+    pixels = [
+        [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [-0.05, -0.02, -0.1],
+        [0.8, -0.06, 0.3], [1.08, 0.7, 0.2], [1.0, 0.0, 0.5], [0.9, 0.9, 0.1],
+        [0.2, 0.7, 0.7], [0.6, 0.1, 0.62], [0.6, 0.1, 0.58], [0.3, 0.4, 0.35],
+    ]  # fmt: skip
+    return tf.reshape(tf.constant(pixels, tf.float32), [1, 3, 4, 3])
+
+
+@pytest.mark.parametrize(
+    "name,factors,reference",
+    [
+        # 4.0 and 40.0 push S' = clip(S * factor, 0, 1) to 1 on most pixels.
+        ("saturation", [0.0, 0.3, 1.0, 1.8, 4.0, 40.0], tf.image.adjust_saturation),
+        ("hue", [-0.5, -0.2, -0.03, 0.0, 0.2, 0.45], tf.image.adjust_hue),
+    ],
+)
+def test_saturation_and_hue_in_rgb_match_tf_image_on_overshoot_and_edge_pixels(name, factors, reference):
+    # Bicubic overshoot reaches the first jitter operation unclipped: inputs in [-0.1, 1.1].
+    overshoot = random_unit((1, 6, 5, 3), seed=12, low=-0.1, high=1.1)
+    edges = tf.image.resize_with_crop_or_pad(special_pixels(), 6, 5)  # the edge pixels, padded with black
+    for images in (overshoot, edges):
+        images = tf.repeat(images, len(factors), axis=0)
+        function = getattr(augment, f"adjust_{name}")
+        result = function(images, tf.constant(factors))
+        assert max_difference(result, per_image_reference(images, factors, reference)) < 2e-6
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_color_jitter_applies_tf_image_ops_in_each_images_order(jit_compile):
+    # 24 images, so that each operation takes each of the four positions several times: five rows with
+    # bicubic overshoot (the first operation sees it unclipped), then three rows of edge pixels.
+    random_rows = random_unit((24, 5, 4, 3), seed=4, low=-0.1, high=1.1)
+    images = tf.concat([random_rows, tf.repeat(special_pixels(), 24, axis=0)], axis=1)  # [24, 8, 4, 3]
+    parameters = augment.sample_color_jitter_parameters(tf.constant([7, 8]), 24, 1.0)
+    jitter = tf.function(augment.color_jitter, jit_compile=True) if jit_compile else augment.color_jitter
+    result = jitter(images, parameters)
     operations = [
         lambda image, index: image * parameters["brightness"][index],
         lambda image, index: tf.image.adjust_contrast(image, parameters["contrast"][index]),
         lambda image, index: tf.image.adjust_saturation(image, parameters["saturation"][index]),
         lambda image, index: tf.image.adjust_hue(image, parameters["hue"][index]),
     ]
-    for index in range(6):
+    for index in range(24):
         image = images[index]
         for operation in parameters["order"][index].numpy():
             image = tf.clip_by_value(operations[operation](image, index), 0.0, 1.0)
@@ -399,6 +435,26 @@ def test_xla_matches_eager_for_the_same_seed():
     assert max_difference(unseeded(images), unseeded(images)) > 1e-3
 
 
+def xla_compiled_calls(graph):
+    """The function calls in `graph` that XLA must compile (a `tf.function(jit_compile=True)` called inside)."""
+    calls = [op for op in graph.get_operations() if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    return [op for op in calls if op.node_def.attr["_XlaMustCompile"].b]
+
+
+@pytest.mark.parametrize("jit_compile,compiled", [("auto", True), (True, True), (False, False)])
+def test_jit_compile_decides_whether_a_traced_training_view_is_one_xla_computation(jit_compile, compiled):
+    images = random_uint8((4, 12, 12, 3), seed=13)
+    seed = tf.constant([5, 6])
+    layer = SimCLRAugmentation(8, jit_compile=jit_compile)
+    traced = tf.function(lambda x: layer(x, training=True, seed=seed))
+    assert bool(xla_compiled_calls(traced.get_concrete_function(images).graph)) == compiled
+    # Compiled or not, the views of a seed are those of an eager call, to float rounding.
+    eager = SimCLRAugmentation(8, jit_compile=False)(images, training=True, seed=seed)
+    assert max_difference(traced(images), eager) < 1e-5
+    with pytest.raises(ValueError, match="jit_compile must be 'auto', True or False, got jit_compile='yes'"):
+        SimCLRAugmentation(8, jit_compile="yes")
+
+
 def test_inside_tf_data_map():
     images = tf.repeat(random_uint8((1, 12, 12, 3), seed=9), 8, axis=0)
     layer = SimCLRAugmentation(8)
@@ -458,6 +514,7 @@ def test_config_round_trip():
         seed=42,
         blur_padding="zeros",
         crop_sampler="torchvision",
+        jit_compile=False,
         name="views",
     )
     assert_config_round_trip(SimCLRAugmentation(**arguments), **arguments)

@@ -64,7 +64,7 @@ def make_strategy(name="default", tpu_address=None, cpu_replicas=0):
     split_host_cpu(cpu_replicas)
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise ValueError("strategy=multi_worker needs the TF_CONFIG environment variable (see README).")
+            raise ValueError("strategy=multi_worker needs the TF_CONFIG environment variable (see docs/scaling.md).")
         # RING all-reduce works on CPUs and GPUs; NCCL is picked automatically only for GPUs.
         communication = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.AUTO

@@ -214,5 +214,5 @@ class TrainConfig:
                 f"cpu_replicas={self.cpu_replicas} needs strategy=mirrored or multi_worker, got strategy={self.strategy}."
             )
         if self.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-            problems.append("strategy=multi_worker needs the TF_CONFIG environment variable (see README, Scaling out).")
+            problems.append("strategy=multi_worker needs the TF_CONFIG environment variable (see docs/scaling.md).")
         return problems

@@ -820,7 +820,9 @@ class SimCLRAugmentation(keras.layers.Layer):
         if jit_compile not in ("auto", True, False):
             raise ValueError(f"jit_compile must be 'auto', True or False, got jit_compile={jit_compile!r}.")
         self.jit_compile = jit_compile
-        self._compiled_training_view = None
+        # Settings -> compiled `_training_view`; set through __dict__ so that neither Keras nor
+        # TensorFlow tracks it (a SavedModel would otherwise carry the training view as a function).
+        self.__dict__["_compiled_training_views"] = {}
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         # Inputs are often uint8; Keras must not cast them to the compute dtype first.
@@ -919,14 +921,24 @@ class SimCLRAugmentation(keras.layers.Layer):
 
         return tf.clip_by_value(images, 0.0, 1.0)
 
-    def _training_view_function(self):
-        """`_training_view`, or the same compiled with XLA where `jit_compile` asks for it."""
-        if self.jit_compile is False or (self.jit_compile == "auto" and tf.executing_eagerly()):
+    def _training_view_function(self, images):
+        """`_training_view`, or the same compiled with XLA where `jit_compile` asks for it.
+
+        "auto" compiles only inside a `tf.function` and for a static image size: XLA compiles
+        once per input shape, so a per-image `tf.data` map over images of many sizes would
+        compile for each. The compiled function is keyed by the layer's settings, which it
+        bakes in when traced, so changing an attribute later takes effect.
+        """
+        static_size = images.shape[1:3].is_fully_defined()
+        if self.jit_compile is False or (self.jit_compile == "auto" and (tf.executing_eagerly() or not static_size)):
             return self._training_view
-        if self._compiled_training_view is None:
+        settings = repr(self.get_config())
+        compiled = self._compiled_training_views
+        if settings not in compiled:
             # Traced once per input signature; the seed generator stays outside, in the caller's graph.
-            self._compiled_training_view = tf.function(self._training_view, jit_compile=True)
-        return self._compiled_training_view
+            compiled.clear()
+            compiled[settings] = tf.function(self._training_view, jit_compile=True)
+        return compiled[settings]
 
     def call(self, images, training=True, seed=None):
         """Augments a batch [B, H, W, 3] (or one image [H, W, 3]).
@@ -960,7 +972,7 @@ class SimCLRAugmentation(keras.layers.Layer):
 
         def training_view():
             view_seed = seed if seed is not None else _distinct_per_replica(self.seed_generator.next())
-            training_view_function = self._training_view_function()
+            training_view_function = self._training_view_function(images)
             return training_view_function(images, _as_seed(view_seed), image_heights, image_widths)
 
         def evaluation_view():

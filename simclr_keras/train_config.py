@@ -48,7 +48,7 @@ class TrainConfig:
         True, "Start the last BatchNorm gamma of every residual block at 0, as the official ResNet (init_zero); False: at 1."
     )
     proj_layers: int = integer_field(
-        2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2, 0 = no head (the loss on h; SimCLR only, paper Fig. 8)."
+        2, "Projection head depth: 2 = SimCLR v1, 3 = SimCLR v2, 0 = no head (the loss on h; SimCLR only, paper Fig. 8; the other --proj_* flags then do not apply)."
     )
     proj_dim: int = integer_field(128, "Output dimension of the projection head.")
     proj_batch_norm: str = enum_field(

@@ -455,6 +455,31 @@ def test_jit_compile_decides_whether_a_traced_training_view_is_one_xla_computati
         SimCLRAugmentation(8, jit_compile="yes")
 
 
+def test_a_setting_changed_after_the_first_trace_takes_effect():
+    images = random_uint8((6, 12, 12, 3), seed=21)
+    layer = SimCLRAugmentation(8)  # jit_compile="auto": compiled inside tf.function
+    first = tf.function(lambda x: layer(x, training=True))
+    first(images)
+    layer.grayscale_probability = 1.0
+    views = tf.function(lambda x: layer(x, training=True))(images).numpy()
+    # Every view gray: R == G == B, as `tf.image.rgb_to_grayscale` gives.
+    np.testing.assert_array_equal(views[..., 0], views[..., 1])
+    np.testing.assert_array_equal(views[..., 1], views[..., 2])
+
+
+def test_auto_does_not_compile_an_image_size_unknown_when_traced():
+    # XLA compiles once per shape: a per-image map over images of many sizes must not.
+    layer = SimCLRAugmentation(8)
+
+    def traced_graph(image_spec):
+        # A new tf.function each time: one would reuse its [None, None, None, 3] trace for 12 x 12.
+        traced = tf.function(lambda x: layer(x, training=True, seed=tf.constant([1, 2])))
+        return traced.get_concrete_function(image_spec).graph
+
+    assert not xla_compiled_calls(traced_graph(tf.TensorSpec([None, None, None, 3], tf.uint8)))
+    assert xla_compiled_calls(traced_graph(tf.TensorSpec([None, 12, 12, 3], tf.uint8)))
+
+
 def test_inside_tf_data_map():
     images = tf.repeat(random_uint8((1, 12, 12, 3), seed=9), 8, axis=0)
     layer = SimCLRAugmentation(8)

@@ -250,3 +250,16 @@ def test_moco_head_is_moco_v2s_linear_relu_linear_with_biases():
     expected = expected @ second.kernel.numpy() + second.bias.numpy()
     for training in (True, False):  # no BatchNorm: both modes are the same map
         np.testing.assert_allclose(head(features, training=training).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_the_batch_norm_splits_do_not_divide_fails_naming_the_setting():
+    # 6 images per view in 4 BatchNorm groups: known when traced (a ValueError) or only when run
+    # (an assertion), the message names the setting rather than a reshape inside the encoder.
+    model = tiny_moco(moco_bn_splits=4)
+    images, labels = batch(6)
+    with pytest.raises(ValueError, match=r"batch_norm_splits=4 .*divisible by 4 \(got 6\)"):
+        model.fit(images, labels, batch_size=6, epochs=1, verbose=0)
+    unknown_size = tf.data.Dataset.from_tensor_slices((images, labels)).batch(6)
+    assert unknown_size.element_spec[0].shape[0] is None
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"batch_norm_splits=4 .*divisible by 4"):
+        model.fit(unknown_size, epochs=1, verbose=0)

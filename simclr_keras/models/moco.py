@@ -181,8 +181,24 @@ class MoCo(ContrastiveModel):
         keys = tf.scatter_nd(order[:, None], keys, tf.shape(keys))
         return tf.stop_gradient(tf.math.l2_normalize(keys, axis=1))
 
+    def _check_batch_splits(self, view):
+        """The BatchNorm groups need each view's per-replica batch N to be a multiple of the splits;
+        checked here so the error names the setting, not a reshape deep inside the encoder."""
+        splits = self.batch_norm_splits
+        message = (
+            f"MoCo: batch_norm_splits={splits} (--moco_bn_splits) must divide the number of images of "
+            f"each view per replica and step; use a per-replica batch size divisible by {splits}."
+        )
+        size = view.shape[0]
+        if size is not None:
+            if size % splits:
+                raise ValueError(f"{message[:-1]} (got {size}).")
+            return []
+        return [tf.debugging.assert_equal(tf.shape(view)[0] % splits, 0, message=message)]
+
     def contrastive_forward(self, view1, view2):
-        batch_size = tf.shape(view1)[0]
+        with tf.control_dependencies(self._check_batch_splits(view1)):
+            batch_size = tf.identity(tf.shape(view1)[0])
         queue = tf.convert_to_tensor(self.queue)
         if self.symmetric:
             views = tf.concat([view1, view2], axis=0)  # (2N, S, S, 3)

@@ -235,3 +235,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("bfloat16"):
             item.runtest = lambda item=item: _run_in_subprocess_without_onednn(item)
+
+
+def run_evaluate_main(capsys, *flags):
+    """`python -m simclr_keras.evaluate FLAGS` in this process, on a private absl FlagValues:
+    (exit status, stdout, stderr) as pytest's `capsys` captured them."""
+    from absl import flags as absl_flags
+
+    from simclr_keras import evaluate
+
+    flag_values = absl_flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    argv = flag_values(["simclr_keras.evaluate", *flags])
+    try:
+        evaluate.main(argv, flag_values)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
-from conftest import BAD_FILES, read_png, run_train_main
+from conftest import BAD_FILES, read_png, run_evaluate_main, run_train_main
 from test_fidelity_evaluation import hand_head_forward, official_center_crop
 
 from simclr_keras import data, evaluate, evaluation, export, runs
@@ -379,18 +379,6 @@ def parse_evaluate_flags(*flags):
     flag_values = absl_flags.FlagValues()
     evaluate.define_flags(flag_values)
     return flag_values(["simclr_keras.evaluate", *flags]), flag_values
-
-
-def run_evaluate_main(capsys, *flags):
-    """`python -m simclr_keras.evaluate FLAGS` in this process: (exit status, stdout, stderr)."""
-    argv, flag_values = parse_evaluate_flags(*flags)
-    try:
-        evaluate.main(argv, flag_values)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def error_lines(stderr):

@@ -9,12 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags as absl_flags
 from config_round_trip import assert_config_round_trip
-from conftest import run_train_main
+from conftest import run_evaluate_main, run_train_main
 from fixed_views import AlternatingViews
 
-from simclr_keras import evaluate, export
+from simclr_keras import export
 from simclr_keras.encoder import Encoder
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.model_config import ModelConfig, build_model
@@ -75,20 +74,6 @@ def test_only_simclr_runs_without_a_head():
     assert TrainConfig(model_dir="/runs/a", proj_layers=-1).validate() == [
         "proj_layers must be an integer >= 0 (0: no projection head, the loss on h), got -1."
     ]
-
-
-def run_evaluate_main(capsys, *flags):
-    """`python -m simclr_keras.evaluate FLAGS` in this process: (exit status, stdout, stderr)."""
-    flag_values = absl_flags.FlagValues()
-    evaluate.define_flags(flag_values)
-    argv = flag_values(["simclr_keras.evaluate", *flags])
-    try:
-        evaluate.main(argv, flag_values)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

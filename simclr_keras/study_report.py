@@ -98,6 +98,11 @@ def _table(header, rows):
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _base_flags(study):
+    """The flags every run shares: the base flagfile (if the study has one), then the study's flags."""
+    return ([f"--flagfile={study.base_flagfile}"] if study.base_flagfile else []) + list(study.flags)
+
+
 def _results_table(study, values, records_by_variation):
     metrics = study.metric_names()
     header = ["variation", "flags", "seeds", *[f"{metric} (%)" for metric in metrics], "train min (mean)"]
@@ -173,7 +178,7 @@ def report_markdown(study, records):
         *([study.description, ""] if study.description else []),
         f"- Study file: `{study.path}`; results: `{study.results_path}` ({len(kept)} of {planned} runs).",
         f"- Budget: {study.budget or 'not stated'}",
-        f"- Base flags: `{study.base_flagfile}` " + " ".join(f"`{flag}`" for flag in study.flags),
+        "- Base flags: " + (" ".join(f"`{flag}`" for flag in _base_flags(study)) or "none (each variation names its own)"),
         f"- Seeds: {', '.join(map(str, study.seeds))}; baseline: `{study.baseline}`.",
         f"- Measured with {_provenance(kept)}." if kept else "- Nothing measured yet.",
         *[f"- Note: {note}" for note in study.notes],
@@ -181,6 +186,9 @@ def report_markdown(study, records):
         "## Accuracy: mean ± standard deviation over seeds (%)",
         "",
         *_results_table(study, values, records_by_variation),
+        "",
+        "\"train min\" is the wall time of the training commands, including any time they waited for or were "
+        "paused by other work on the machine: a cost estimate, not a speed measurement (those are in `benchmarks/`).",
         "",
         f"## Difference to the baseline `{study.baseline}`, with Welch's 95% t interval over seeds",
         "",

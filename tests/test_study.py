@@ -143,6 +143,8 @@ def test_the_report_table_and_stale_records(tmp_path):
     assert "| t01 | `--temperature=0.1` | 3 | 41.00 ± 1.00 |" in text
     half_width = 100 * T_TABLE_975[4] * math.sqrt(2 * 0.01**2 / 3)
     assert f"| t01 | -10.00 [{-10 - half_width:+.2f}, {-10 + half_width:+.2f}] |" in text
+    # The shared flags as the runs receive them: the base flagfile as a --flagfile flag.
+    assert f"- Base flags: `--flagfile={tmp_path / 'base.flags'}`\n" in text
 
 
 def test_a_study_file_naming_a_flag_the_command_does_not_define_is_refused(tmp_path):

@@ -14,10 +14,7 @@ by `simclr_keras.runs.load_model`.
 """
 
 import dataclasses
-import os
 from typing import Any, Callable
-
-import tensorflow as tf
 
 from simclr_keras import evaluation, export, runs
 
@@ -85,10 +82,8 @@ class Encoder:
         Raises FileNotFoundError when model_dir is not a training run, ValueError for a head_layer
         its projection head lacks.
         """
-        model = runs.load_model(model_dir, restore=not random_init)
-        checkpoint = None
-        if not random_init:
-            checkpoint = tf.train.latest_checkpoint(os.path.join(model_dir, runs.CHECKPOINTS))
+        model = runs.load_model(model_dir, restore=False)
+        checkpoint = None if random_init else runs.restore_latest_checkpoint(model, model_dir)
         return cls.from_model(
             model, head_layer, source=model_dir, class_names=runs.load_class_names(model_dir),
             checkpoint=checkpoint, random_init=random_init,

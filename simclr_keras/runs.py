@@ -128,13 +128,40 @@ def load_model(model_dir, restore=True):
     config_path = os.path.join(model_dir, MODEL_CONFIG)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{model_dir} is not a training run: {MODEL_CONFIG} is missing.")
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
-    if latest is None and restore:
+    if restore and tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS)) is None:
         raise FileNotFoundError(f"{model_dir} holds no checkpoint in {CHECKPOINTS}/.")
     with open(config_path, encoding="utf-8") as file:
         model = keras.saving.deserialize_keras_object(json.load(file))
-    if not restore:
-        return model
-    # expect_partial: the optimizer's slots are in the checkpoint but not needed here.
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+    if restore:
+        restore_latest_checkpoint(model, model_dir)
     return model
+
+
+def restore_latest_checkpoint(model, model_dir, attempts=10):
+    """Restores the model's weights (not the optimizer's) from MODEL_DIR's latest checkpoint; returns its path.
+
+    A run may be training while it is read (evaluation and export take no lock): its checkpoint
+    manager deletes checkpoints beyond max_to_keep, so the latest one read here can vanish before
+    or while it is restored. Then the new latest is tried, up to `attempts` times. Raises
+    FileNotFoundError when there is no checkpoint, or when they keep vanishing.
+    """
+    directory = os.path.join(model_dir, CHECKPOINTS)
+    tried = []
+    for _ in range(attempts):
+        latest = tf.train.latest_checkpoint(directory)
+        if latest is None:
+            break
+        try:
+            # expect_partial: the optimizer's slots are in the checkpoint but not needed here.
+            tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+            return latest
+        except (tf.errors.NotFoundError, tf.errors.DataLossError):
+            if os.path.exists(latest + ".index") and latest == tf.train.latest_checkpoint(directory):
+                raise  # still there and still the latest: damaged, not rotated away
+            tried.append(os.path.basename(latest))
+    if not tried:
+        raise FileNotFoundError(f"{model_dir} holds no checkpoint in {CHECKPOINTS}/.")
+    raise FileNotFoundError(
+        f"{model_dir}: checkpoints {', '.join(tried)} were deleted while being read (a run saving faster than "
+        "they restore); try again, or read a run that is not training."
+    )

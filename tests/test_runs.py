@@ -57,3 +57,50 @@ def test_load_model_names_what_a_directory_lacks(tiny_run_dir, tmp_path):
     shutil.copy(os.path.join(tiny_run_dir.model_dir, "model_config.json"), tmp_path)
     with pytest.raises(FileNotFoundError, match="holds no checkpoint in checkpoints/"):
         runs.load_model(str(tmp_path))
+
+
+def _rotate_on_first_restore(monkeypatch, model_dir, new_weights_model, number):
+    """Makes the first checkpoint restore behave as if a training process saved checkpoint `number`
+    (max_to_keep=1, deleting the others) between the reader's look at the latest and its restore."""
+    real_restore = tf.train.Checkpoint.restore
+    rotated = []
+
+    def restore(self, save_path, *args, **kwargs):
+        if not rotated:
+            rotated.append(save_path)
+            manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(model=new_weights_model), os.path.join(model_dir, "checkpoints"), max_to_keep=1
+            )
+            manager.save(checkpoint_number=number)
+            assert not os.path.exists(save_path + ".index")  # the path about to be read is gone
+        return real_restore(self, save_path, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.Checkpoint, "restore", restore)
+    return rotated
+
+
+@pytest.mark.parametrize("reader", ["load_model", "Encoder.from_run_dir"])
+def test_a_run_read_while_training_deletes_its_latest_checkpoint_restores_the_newer_one(
+    tiny_run_dir, tmp_path, monkeypatch, reader
+):
+    # Evaluation and export read a run without its lock; its checkpoint manager keeps max_to_keep and
+    # deletes the rest, so the checkpoint found as the latest can vanish before it is read.
+    from simclr_keras.encoder import Encoder
+
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_run_dir.model_dir, model_dir)
+    newer = runs.load_model(model_dir)
+    for variable in newer.encoder.weights:
+        variable.assign(variable + 0.25)  # the weights a later training step would have written
+    expected = [variable.numpy() for variable in newer.encoder.weights]
+    rotated = _rotate_on_first_restore(monkeypatch, model_dir, newer, number=9)
+    if reader == "load_model":
+        encoder_weights, restored = runs.load_model(model_dir).encoder.weights, None
+    else:
+        encoder = Encoder.from_run_dir(model_dir)
+        encoder_weights, restored = encoder.backbone.weights, encoder.checkpoint
+    assert rotated and rotated[0].endswith("ckpt-3")
+    for variable, value in zip(encoder_weights, expected, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    if restored is not None:
+        assert restored == os.path.join(model_dir, "checkpoints", "ckpt-9")

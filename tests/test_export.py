@@ -116,25 +116,30 @@ def test_the_next_version_is_one_above_the_highest_and_never_reuses_a_folder(exp
     assert export.export_versions(str(tmp_path)) == [7, 8]
 
 
-def test_saved_model_cli_shows_the_serving_signature(exported):
+def test_saved_model_cli_shows_both_signatures(exported):
     result = subprocess.run(
         [SAVED_MODEL_CLI, "show", "--dir", os.path.join(exported["export_dir"], "2"), "--all"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    serving = result.stdout.split("signature_def['serving_default']:")[1].split("signature_def[")[0]
-    tensors = {
-        (kind, name): (dtype, shape)
-        for kind, name, dtype, shape in re.findall(
-            r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: \(([^)]*)\)", serving
-        )
-    }
+
+    def tensors(signature_name):
+        signature = result.stdout.split(f"signature_def['{signature_name}']:")[1].split("signature_def[")[0]
+        return {
+            (kind, name): (dtype, shape)
+            for kind, name, dtype, shape in re.findall(
+                r"(inputs|outputs)\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: \(([^)]*)\)", signature
+            )
+        }
+
     embedding_dim = exported["model"].encoder.output.shape[-1]
-    assert tensors == {
-        ("inputs", "images"): ("DT_UINT8", "-1, -1, -1, 3"),
+    outputs = {
         ("outputs", "embeddings"): ("DT_FLOAT", f"-1, {embedding_dim}"),
         ("outputs", "projections"): ("DT_FLOAT", f"-1, {PROJECTION_DIM}"),
     }
+    # Any number of channels: the graph converts 1, 2 and 4 to RGB and refuses the others.
+    assert tensors("serving_default") == {("inputs", "images"): ("DT_UINT8", "-1, -1, -1, -1"), **outputs}
+    assert tensors("serving_bytes") == {("inputs", "image_bytes"): ("DT_STRING", "-1"), **outputs}
 
 
 def test_saved_model_cli_run_gives_the_keras_models_outputs(exported, tmp_path):

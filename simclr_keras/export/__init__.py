@@ -31,6 +31,9 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from simclr_keras.export import serving_inputs
+
+
 __all__ = [
     "EvaluationPreprocessing", "ExportedParts", "export_encoder", "export_versions", "load_encoder",
     "load_exported_parts", "resolve_version_dir",
@@ -38,6 +41,8 @@ __all__ = [
 
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "images"
+BYTES_SIGNATURE_NAME = "serving_bytes"
+BYTES_INPUT_NAME = "image_bytes"
 EMBEDDINGS = "embeddings"
 PROJECTIONS = "projections"
 
@@ -59,36 +64,50 @@ def _variables_by_path(layer):
 
 
 class _ServingModule(tf.Module):
-    """The object tf.saved_model.save writes: the weights' tf.Variables and one signature.
+    """The object tf.saved_model.save writes: the weights' tf.Variables and the two signatures.
 
     The tf.Variables that Keras weights wrap are tracked, not the Keras layers: saving a Keras 3
     weight adds a second, differently named copy of it to the graph, and TF Serving (like
     saved_model_cli run) restores the copy while the signature reads the original, which it then
     finds uninitialised. Keyed by path, the variables also restore into a rebuilt encoder
-    (`load_encoder`). The augmenter is not tracked: its evaluation path has no variables.
+    (`load_encoder`). The augmenter is not tracked: its evaluation path has no variables. What a
+    request goes through before the encoder (bounds, channels, decoding) is `serving_inputs`.
     """
 
-    def __init__(self, encoder, projection_head, augmenter, head_layer=None):
+    def __init__(self, encoder, projection_head, augmenter, head_layer, max_image_side, max_batch_size):
         super().__init__(name="simclr_encoder")
         self.encoder_variables = _variables_by_path(encoder)
         self.projection_head_variables = _variables_by_path(projection_head)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)])
-        def serve(images):
-            views = augmenter(images, training=False)  # (B, S, S, 3) float32 in [0, 1]
+        def outputs(views, batch_size):
+            """The signature outputs of views [max(B, 1), S, S, 3], float32 in [0, 1], cut to B rows."""
             embeddings = encoder(views, training=False)  # (B, D)
-            projections = projection_head(embeddings, training=False)  # (B, proj_dim)
             # Encoder and head return float32 under any dtype policy; the casts pin the signature.
-            outputs = {
-                EMBEDDINGS: tf.cast(embeddings, tf.float32),
-                PROJECTIONS: tf.cast(projections, tf.float32),
-            }
+            results = {EMBEDDINGS: embeddings, PROJECTIONS: projection_head(embeddings, training=False)}
             if head_layer:
-                layer_output = projection_head(embeddings, training=False, head_layer=head_layer)
-                outputs[head_layer_output_name(head_layer)] = tf.cast(layer_output, tf.float32)
-            return outputs
+                results[head_layer_output_name(head_layer)] = projection_head(
+                    embeddings, training=False, head_layer=head_layer
+                )
+            return {name: tf.cast(value, tf.float32)[:batch_size] for name, value in results.items()}
+
+        # Any number of channels in the spec: the graph applies the channel rule or names the count.
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUT_NAME)])
+        def serve(images):
+            images = serving_inputs.checked_images(images, max_image_side, max_batch_size)
+            batch_size = tf.shape(images)[0]
+            views = serving_inputs.views_or_placeholder(
+                batch_size, lambda: serving_inputs.evaluation_views(images, augmenter), augmenter
+            )  # (max(B, 1), S, S, 3)
+            return outputs(views, batch_size)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT_NAME)])
+        def serve_bytes(image_bytes):
+            views = serving_inputs.decoded_views(image_bytes, augmenter, max_image_side, max_batch_size)
+            batch_size = tf.shape(views)[0]
+            return outputs(serving_inputs.views_or_placeholder(batch_size, lambda: views, augmenter), batch_size)
 
         self.serve = serve
+        self.serve_bytes = serve_bytes
 
 
 def export_versions(export_dir):
@@ -117,7 +136,13 @@ def resolve_version_dir(path):
     return version_dir
 
 
-def export_encoder(model, export_dir, head_layer=None):
+def export_encoder(
+    model,
+    export_dir,
+    head_layer=None,
+    max_image_side=serving_inputs.DEFAULT_MAX_IMAGE_SIDE,
+    max_batch_size=serving_inputs.DEFAULT_MAX_BATCH_SIZE,
+):
     """Writes the encoder of a SimCLR model to export_dir/<n>, n one above the highest version there.
 
     The SavedModel is written to a temporary folder inside export_dir first (a name TF Serving
@@ -130,22 +155,33 @@ def export_encoder(model, export_dir, head_layer=None):
       export_dir: TF Serving's model base path; created if missing.
       head_layer: K >= 1 adds the signature output `head_layer_K`, the projection head's K-th layer
         in inference mode (SimCLR v2 fine-tunes from K = 1 of a 3-layer head); None: none.
+      max_image_side: int, the longest image side, in pixels, the signatures accept; a larger image
+        is refused (InvalidArgument) before any work on it. It bounds a request's memory.
+      max_batch_size: int, the most images a request may hold.
 
     Returns:
       The path of the new version folder, export_dir/<n>.
     """
     if head_layer is not None:
         model.projection_head._check_head_layer(head_layer)  # the ValueError names the valid range
+    for name, value in (("max_image_side", max_image_side), ("max_batch_size", max_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
     os.makedirs(export_dir, exist_ok=True)
     staging_dir = tempfile.mkdtemp(prefix=".export-", dir=export_dir)
     try:
-        module = _ServingModule(model.encoder, model.projection_head, model.augmenter, head_layer)
-        tf.saved_model.save(module, staging_dir, signatures={SIGNATURE_NAME: module.serve})
+        module = _ServingModule(
+            model.encoder, model.projection_head, model.augmenter, head_layer, max_image_side, max_batch_size
+        )
+        signatures = {SIGNATURE_NAME: module.serve, BYTES_SIGNATURE_NAME: module.serve_bytes}
+        tf.saved_model.save(module, staging_dir, signatures=signatures)
         metadata = {
             "encoder": keras.saving.serialize_keras_object(model.encoder),
             "augmenter": keras.saving.serialize_keras_object(model.augmenter),
             "projection_head": keras.saving.serialize_keras_object(model.projection_head),
             "head_layer": head_layer,
+            "max_image_side": max_image_side,
+            "max_batch_size": max_batch_size,
         }
         os.makedirs(os.path.join(staging_dir, os.path.dirname(METADATA_PATH)), exist_ok=True)
         with open(os.path.join(staging_dir, METADATA_PATH), "w", encoding="utf-8") as file:

@@ -32,6 +32,13 @@ def define_flags(flag_values=FLAGS):
         "head_layer", 0, "Also return `head_layer_K`, the projection head's K-th layer (SimCLR v2); 0: no extra output.",
         flag_values=flag_values,
     )  # fmt: skip
+    flags.DEFINE_integer(
+        "max_image_side", 4096, "Longest image side, in pixels, the served signatures accept; larger images are refused.",
+        flag_values=flag_values,
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "max_batch_size", 1024, "Most images one request may hold; larger requests are refused.", flag_values=flag_values
+    )
     flags.mark_flags_as_required(["model_dir", "export_dir"], flag_values=flag_values)
 
 
@@ -39,9 +46,13 @@ def main(argv, flag_values=FLAGS):
     logging.set_verbosity(logging.WARNING)
     reject_positional_arguments(argv)
     model_dir, export_dir, head_layer = flag_values.model_dir, flag_values.export_dir, flag_values.head_layer
+    bounds = {"max_image_side": flag_values.max_image_side, "max_batch_size": flag_values.max_batch_size}
     # Checked before TensorFlow loads and the model is rebuilt.
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         fail(f"--export_dir={export_dir} is a file; pass a directory (versions are written into it).")
+    for name, value in bounds.items():
+        if value < 1:
+            fail(f"--{name}={value}: pass a positive number of {'pixels' if name == 'max_image_side' else 'images'}.")
     from simclr_keras import export, runs
 
     try:
@@ -49,7 +60,7 @@ def main(argv, flag_values=FLAGS):
     except FileNotFoundError as error:
         fail(f"--model_dir={model_dir} cannot be exported: {error}")
     try:
-        version_dir = export.export_encoder(model, export_dir, head_layer or None)
+        version_dir = export.export_encoder(model, export_dir, head_layer or None, **bounds)
     except ValueError as error:
         fail(f"--head_layer={head_layer}: {error}")
     except OSError as error:

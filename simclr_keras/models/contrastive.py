@@ -8,7 +8,7 @@ the optimizer step scaled for replicas, per-step logs, evaluation of the probe a
 import keras
 import tensorflow as tf
 
-from simclr_keras import model_config
+from simclr_keras import model_config, representation
 from simclr_keras.heads import LinearProbe
 
 
@@ -30,7 +30,8 @@ class ContrastiveModel(keras.Model):
     long run can be inspected; `evaluate` accumulates over its batches.
 
     Args:
-      encoder: model mapping float images in [0, 1] to the representation h, [B, D].
+      encoder: any Keras model (functional, Sequential, subclassed, a `keras.applications` network
+        with pooling="avg") mapping float images in [0, 1] to the representation h, [B, D].
       projection_head: layer mapping h to z, [B, proj_dim].
       augmenter: layer called as `augmenter(images, training=...)` returning float images in [0, 1];
         `simclr_keras.augment.SimCLRAugmentation`.
@@ -90,9 +91,10 @@ class ContrastiveModel(keras.Model):
         self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
         self.probe_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="probe_accuracy")
 
-        # Build the head and probe now, so that weights exist before `fit`, checkpoint restores and
-        # `.keras` loading.
-        self.representation_shape = tuple(encoder.output.shape)
+        # Build the encoder (a Sequential or subclassed one may not be), head and probe now, so that
+        # weights exist before `fit`, checkpoint restores and `.keras` loading.
+        self.views_shape = representation.views_shape(augmenter)  # (None, S, S, 3)
+        self.representation_shape = representation.representation_shape(encoder, self.views_shape)  # (None, D)
         for layer in (self.projection_head, self.probe):
             if layer is not None and not layer.built:  # deserialised layers arrive built
                 layer.build(self.representation_shape)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from simclr_keras import model_config
+from simclr_keras import model_config, representation
 from simclr_keras.batch_norm import batch_norm_groups
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.contrastive import ContrastiveModel
@@ -114,7 +114,7 @@ class MoCo(ContrastiveModel):
 
         # The key network: same architecture, same initial weights, never trained by gradient (it is
         # left out of `trained_variables`; still `trainable`, so that its BatchNorm uses batch statistics).
-        self.key_encoder = self.encoder.__class__.from_config({**self.encoder.get_config(), "name": "key_encoder"})
+        self.key_encoder = self._copy_of_encoder("key_encoder")
         self.key_projection_head = ProjectionHead.from_config(
             {**self.projection_head.get_config(), "name": "key_projection_head"}
         )
@@ -141,6 +141,20 @@ class MoCo(ContrastiveModel):
             shape=(), initializer="zeros", trainable=False, dtype="int64", aggregation="only_first_replica",
             name="queue_pointer",
         )
+
+    def _copy_of_encoder(self, name):
+        """A built copy of the encoder's architecture (functional, Sequential or subclassed), fresh weights."""
+        encoder_class = type(self.encoder)
+        try:
+            copy = encoder_class.from_config({**self.encoder.get_config(), "name": name})
+        except Exception as error:  # get_config raises NotImplementedError, from_config TypeError, ...
+            raise ValueError(
+                f"MoCo builds its key encoder as {encoder_class.__name__}.from_config(encoder.get_config()), which "
+                f"failed ({representation.first_line(error)}); give "
+                f"{encoder_class.__name__} a get_config() returning its constructor arguments."
+            ) from None
+        representation.representation_shape(copy, self.views_shape)  # builds a Sequential or subclassed copy
+        return copy
 
     def _momentum_pairs(self):
         """(query weight, key weight) pairs of the parameters; BatchNorm statistics are left out.

@@ -7,6 +7,7 @@ learning. Every output is compared with the Keras model it came from. The comman
 `python -m simclr_keras.export` runs once in a subprocess; its errors run `main` in this process.
 """
 
+import base64
 import concurrent.futures
 import glob
 import hashlib
@@ -27,6 +28,7 @@ from conftest import REPO_ROOT, run_train_main
 import simclr_keras as sk
 from simclr_keras import export, runs
 from simclr_keras.export import __main__ as export_command
+from simclr_keras.export import serving_inputs
 
 PROJECTION_DIM = 16
 TINY_RUN = [
@@ -38,6 +40,8 @@ TINY_RUN = [
     "--eval_split=",
 ]
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+# Bounds given to the export command (version 2); training's export (version 1) has the defaults.
+COMMAND_BOUNDS = ["--max_image_side=48", "--max_batch_size=16"]
 # Tolerance of the issue; the graphs are the same, so the outputs agree far more closely in practice.
 TOLERANCE = 1e-5
 
@@ -63,7 +67,9 @@ def exported(cifar10_500, tmp_path_factory):
     )
     assert status == 0, trained_stderr[-3000:]
     first_digest = file_digest(os.path.join(export_dir, "1", "saved_model.pb"))
-    exported_again = run_module("simclr_keras.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}")
+    exported_again = run_module(
+        "simclr_keras.export", f"--model_dir={model_dir}", f"--export_dir={export_dir}", *COMMAND_BOUNDS
+    )
     assert exported_again.returncode == 0, exported_again.stderr[-3000:]
 
     test_paths = sorted(glob.glob(os.path.join(cifar10_500, "test", "*", "*.jpg")))[::10][:6]
@@ -104,6 +110,23 @@ def test_training_and_the_command_write_versions_1_and_2_without_overwriting(exp
     assert file_digest(os.path.join(export_dir, "1", "saved_model.pb")) == exported["first_digest"]
     assert f"exported the encoder to {os.path.join(export_dir, '1')}" in exported["outputs"][0]
     assert os.path.join(export_dir, "2") in exported["outputs"][1]
+
+
+def test_the_bounds_are_the_commands_flags_or_the_defaults(exported):
+    export_dir = exported["export_dir"]
+    for version, bounds in [("1", (4096, 1024)), ("2", (48, 16))]:  # 2: COMMAND_BOUNDS
+        with open(os.path.join(export_dir, version, export.METADATA_PATH), encoding="utf-8") as file:
+            metadata = json.load(file)
+        assert (metadata["max_image_side"], metadata["max_batch_size"]) == bounds, version
+    serve = tf.saved_model.load(os.path.join(export_dir, "2")).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="images: 49x48 pixels .* sides of 1 to 48 pixels"):
+        serve(images=tf.zeros([1, 49, 48, 3], tf.uint8))
+    # The command writes the defaults again (defining its flags must not import TensorFlow): the same numbers.
+    flag_values = absl_flags.FlagValues()
+    export_command.define_flags(flag_values)
+    assert (flag_values["max_image_side"].default, flag_values["max_batch_size"].default) == (
+        serving_inputs.DEFAULT_MAX_IMAGE_SIDE, serving_inputs.DEFAULT_MAX_BATCH_SIZE,
+    )  # fmt: skip
 
 
 def test_the_next_version_is_one_above_the_highest_and_never_reuses_a_folder(exported, tmp_path):
@@ -219,7 +242,8 @@ def served_model_name():
     return re.search(r"MODEL_NAME=(\w+)", code_block("bash", "docker run")).group(1)
 
 
-def test_the_docs_grpc_client_gets_the_keras_models_outputs(exported):
+def run_docs_grpc_client(exported, containing, replacements, namespace):
+    """Runs the docs' gRPC client holding `containing` against a stand-in for TF Serving; its namespace."""
     try:
         import grpc
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -228,18 +252,18 @@ def test_the_docs_grpc_client_gets_the_keras_models_outputs(exported):
         # metadata asks for the full tensorflow wheel, hence --no-deps beside tensorflow-cpu.
         pytest.fail("tensorflow-serving-api is missing: pip install --no-deps tensorflow-serving-api==2.21.0")
 
-    signature = tf.saved_model.load(os.path.join(exported["export_dir"], "2")).signatures["serving_default"]
+    signatures = tf.saved_model.load(os.path.join(exported["export_dir"], "2")).signatures
     model_name = served_model_name()
 
     class StandInForTFServing(prediction_service_pb2_grpc.PredictionServiceServicer):
-        """Answers Predict for one model as TF Serving does, rejecting requests its signature would."""
+        """Answers Predict for one model as TF Serving does, rejecting requests its signatures would."""
 
         def Predict(self, request, context):
-            input_specs = signature.structured_input_signature[1]  # {"images": TensorSpec}
             if request.model_spec.name != model_name:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_spec.name!r}")
-            signature_name = request.model_spec.signature_name
-            if signature_name not in ("", "serving_default") or set(request.inputs) != set(input_specs):
+            signature = signatures.get(request.model_spec.signature_name or "serving_default")
+            input_specs = signature.structured_input_signature[1] if signature else {}  # {name: TensorSpec}
+            if signature is None or set(request.inputs) != set(input_specs):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad signature or inputs {list(request.inputs)}")
             for name, spec in input_specs.items():
                 if request.inputs[name].dtype != spec.dtype.as_datatype_enum:
@@ -255,26 +279,45 @@ def test_the_docs_grpc_client_gets_the_keras_models_outputs(exported):
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(StandInForTFServing(), server)
     port = server.add_insecure_port("localhost:0")
     server.start()
-    client = code_block("python", "PredictRequest")
-    for old, new in [
-        ("images = np.zeros((2, 96, 128, 3), np.uint8)", "images = test_images"),
-        ("localhost:8500", f"localhost:{port}"),
-    ]:
+    client = code_block("python", containing)
+    for old, new in [*replacements, ("localhost:8500", f"localhost:{port}")]:
         assert old in client, f"the gRPC client no longer contains {old!r}: update this test"
         client = client.replace(old, new)
-    namespace = {"test_images": exported["images"]}
     try:
         exec(compile(client, "grpc_client", "exec"), namespace)
     finally:
         server.stop(grace=None)
+    return namespace
+
+
+def test_the_docs_grpc_client_gets_the_keras_models_outputs(exported):
+    namespace = run_docs_grpc_client(
+        exported, '"serving_default"', [("images = np.zeros((2, 96, 128, 3), np.uint8)", "images = test_images")],
+        {"test_images": exported["images"]},
+    )  # fmt: skip
     assert_outputs_match(
         {name: namespace[name] for name in ("embeddings", "projections")},
         keras_outputs(exported["model"], exported["images"]),
     )
 
 
+def test_the_docs_serving_bytes_client_gets_the_embeddings_of_the_decoded_files(exported, tmp_path):
+    jpeg_path, png_path = tmp_path / "cat.jpg", tmp_path / "dog.png"
+    jpeg_path.write_bytes(tf.io.encode_jpeg(exported["images"][0]).numpy())
+    png_path.write_bytes(tf.io.encode_png(exported["images"][1, :20]).numpy())  # another size, lossless
+    namespace = run_docs_grpc_client(
+        exported, '"serving_bytes"', [('["cat.jpg", "dog.png"]', repr([str(jpeg_path), str(png_path)]))], {}
+    )
+    decoded_jpeg = tf.io.decode_jpeg(jpeg_path.read_bytes()).numpy()  # JPEG is lossy: TensorFlow's pixels
+    for row, pixels in enumerate([decoded_jpeg, exported["images"][1, :20]]):
+        np.testing.assert_allclose(
+            namespace["embeddings"][row], keras_outputs(exported["model"], pixels[None])["embeddings"][0],
+            rtol=0, atol=TOLERANCE,
+        )  # fmt: skip
+
+
 def test_the_docs_rest_body_fits_the_signature(exported):
-    body = json.loads(code_block("json", '"instances"'))
+    body = json.loads(code_block("json", '"serving_default"'))
     loaded = tf.saved_model.load(os.path.join(exported["export_dir"], "2"))
     signature = loaded.signatures[body.get("signature_name", "serving_default")]
     # TF Serving's row format: the instances, stacked, become the input converted to its dtype.
@@ -284,6 +327,18 @@ def test_the_docs_rest_body_fits_the_signature(exported):
     assert_outputs_match(
         {name: value.numpy() for name, value in outputs.items()},
         keras_outputs(exported["model"], images.astype(np.uint8)),
+    )
+
+
+def test_the_docs_rest_body_with_b64_fits_serving_bytes(exported):
+    body = json.loads(code_block("json", '"b64"'))
+    signature = tf.saved_model.load(os.path.join(exported["export_dir"], "2")).signatures[body["signature_name"]]
+    # TF Serving's row format with binary strings: each {"b64": ...} becomes one item of the string input.
+    image_bytes = [base64.b64decode(instance["b64"]) for instance in body["instances"]]
+    outputs = signature(image_bytes=tf.constant(image_bytes))
+    pixels = np.stack([tf.io.decode_png(data).numpy() for data in image_bytes])
+    assert_outputs_match(
+        {name: value.numpy() for name, value in outputs.items()}, keras_outputs(exported["model"], pixels)
     )
 
 
@@ -313,7 +368,7 @@ def test_the_docs_transfer_learning_example_runs(exported, cifar10_500, tmp_path
     example = code_block("python", "sk.load_encoder(")
     for old, new in [
         ('"exports/cifar10"', repr(exported["export_dir"])),
-        ("../shared/datasets/cifar10", cifar10_500),
+        ('load_images("cifar10"', f'load_images("folder:{cifar10_500}"'),
         ("epochs=10", "epochs=1"),
     ]:
         assert old in example, f"the transfer learning example no longer contains {old!r}: update this test"
@@ -364,6 +419,10 @@ def test_export_errors_end_in_one_line(tmp_path, capsys):
          f"error: --export_dir={export_file} is a file; pass a directory (versions are written into it)."),
         ([f"--model_dir={missing}", f"--export_dir={tmp_path}"],
          f"error: --model_dir={missing} cannot be exported: {missing} is not a training run: model_config.json is missing."),
+        ([f"--model_dir={tmp_path}", f"--export_dir={tmp_path}", "--max_image_side=0"],
+         "error: --max_image_side=0: pass a positive number of pixels."),
+        ([f"--model_dir={tmp_path}", f"--export_dir={tmp_path}", "--max_batch_size=-2"],
+         "error: --max_batch_size=-2: pass a positive number of images."),
     ]:  # fmt: skip
         status, stderr = run_export_main(capsys, *flags)
         assert status == 1 and error_lines(stderr) == [message], stderr[-2000:]

@@ -171,7 +171,7 @@ def test_images_beyond_the_max_side_or_batch_size_are_refused_naming_bound_and_s
 
 
 def test_an_image_without_pixels_is_refused_naming_its_size(served):
-    assert refusal(served["answers"]["0x0"]).startswith("images: 0x0 pixels (height x width); this export takes sides of 1")
+    assert refusal(served["answers"]["0x0"]).startswith("images: 0x0 pixels (height x width); this export takes sides")
     assert refusal(served["answers"]["0x7"]).startswith("images: 0x7 pixels")
 
 
@@ -186,7 +186,8 @@ def test_grayscale_and_alpha_are_converted_to_rgb_as_training_decodes_them(serve
     gray_alpha = REQUESTS["grayscale_alpha"][1]["images"]
     assert_embeddings(answers["grayscale_alpha"], keras_embeddings(model, np.repeat(gray_alpha[..., :1], 3, axis=-1)))
     assert refusal(answers["5_channels"]) == (
-        "images: 5 channels; this export takes 3 (RGB), 1 (grayscale), 2 (grayscale and alpha) or 4 (RGBA; alpha is dropped)"
+        "images: 5 channels; this export takes 3 (RGB), 1 (grayscale), 2 (grayscale and alpha) "
+        "or 4 (RGBA; alpha is dropped)"
     )
 
 
@@ -225,7 +226,8 @@ def test_serving_bytes_refuses_images_beyond_the_bounds_from_their_headers(serve
     answers = served["answers"]
     # Refused by its header's size, not as undecodable: it was never decoded.
     assert refusal(answers["bytes_huge_header"]).endswith(
-        "image_bytes[1]: 60000x50000 pixels (height x width); this export takes sides of 1 to 64 pixels (its max_image_side)"
+        "image_bytes[1]: 60000x50000 pixels (height x width); "
+        "this export takes sides of 1 to 64 pixels (its max_image_side)"
     )
     assert "image_bytes[0]: 8x65 pixels" in refusal(answers["bytes_jpeg_beyond"])
     assert "image_bytes[0]: 70x3 pixels" in refusal(answers["bytes_gif_beyond"])
@@ -249,7 +251,8 @@ def test_saved_model_cli_run_answers_on_both_signatures(served, tmp_path, signat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     pixels = inputs if signature == "serving_default" else PNG_IMAGE[None]
-    assert_embeddings({"embeddings": np.load(tmp_path / "outputs" / "embeddings.npy")}, keras_embeddings(served["model"], pixels))
+    answer = {"embeddings": np.load(tmp_path / "outputs" / "embeddings.npy")}
+    assert_embeddings(answer, keras_embeddings(served["model"], pixels))
 
 
 def test_export_bounds_must_be_positive_integers(served, tmp_path):

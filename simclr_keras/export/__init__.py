@@ -2,18 +2,21 @@
 
     EXPORT_DIR/               TF Serving's model base path; it serves the highest version
       1/
-        saved_model.pb        signature "serving_default": uint8 images -> embeddings, projections
+        saved_model.pb        signatures "serving_default" (uint8 pixels) and "serving_bytes" (encoded images)
         variables/            encoder and projection head weights, stored once
         assets.extra/simclr_keras.json   Keras configs of encoder and preprocessing (for load_encoder)
       2/ ...
 
-`export_encoder` writes the next version; an existing version is never written to. The signature
-takes `images`, uint8 [batch, height, width, 3] of any height and width, and applies the
+`export_encoder` writes the next version; an existing version is never written to. `serving_default`
+takes `images`, uint8 [batch, height, width, channels] of any height and width, and applies the
 evaluation preprocessing inside the graph (`SimCLRAugmentation(training=False)`: centre crop,
-bicubic resize to the training size, scale to [0, 1]), so clients send raw pixels. It returns
-`embeddings`, the representation h (float32 [batch, D]), and `projections`, g(h) (float32
-[batch, proj_dim]); an export written with `head_layer=K` also returns `head_layer_K`, the output
-of the projection head's K-th layer (SimCLR v2's `ft_proj_selector` features).
+bicubic resize to the training size, scale to [0, 1]), so clients send raw pixels. `serving_bytes`
+takes `image_bytes`, string [batch] of encoded JPEG, PNG, GIF or BMP images, decoded in the graph.
+Both return `embeddings`, the representation h (float32 [batch, D]), and `projections`, g(h)
+(float32 [batch, proj_dim]); an export written with `head_layer=K` also returns `head_layer_K`, the
+output of the projection head's K-th layer (SimCLR v2's `ft_proj_selector` features). Requests are
+bounded (`max_image_side`, `max_batch_size`, fixed at export time), grayscale and alpha are
+converted as in training, and an empty batch gets [0, D]: see `serving_inputs`.
 
 `load_encoder` rebuilds a trainable `keras.Model` with the same input convention (uint8 images of
 any size -> h) from the configs in assets.extra/ and the SavedModel's variables, so that the
@@ -32,8 +35,6 @@ import keras
 import tensorflow as tf
 
 from simclr_keras.export import serving_inputs
-from simclr_keras.representation import representation_shape, views_shape
-
 
 __all__ = [
     "EvaluationPreprocessing", "ExportedParts", "export_encoder", "export_versions", "load_encoder",
@@ -321,7 +322,7 @@ def load_exported_parts(path, head_layer=0):
         head = keras.saving.deserialize_keras_object(metadata["projection_head"])
         head._check_head_layer(head_layer)
         if not head.built:  # the serialized config usually carries its build shape
-            head.build(representation_shape(encoder, views_shape(keras.saving.deserialize_keras_object(metadata["augmenter"]))))
+            head.build((None, int(encoder.output.shape[-1])))
         parts["projection_head_variables"] = _variables_by_path(head)
     # The head's variables are read only when needed. read(), unlike restore(), adds no save
     # counter that the SavedModel would lack.

@@ -33,12 +33,13 @@ def define_flags(flag_values=FLAGS):
         flag_values=flag_values,
     )  # fmt: skip
     flags.DEFINE_integer(
-        "max_image_side", 4096, "Longest image side, in pixels, the served signatures accept; larger images are refused.",
+        "max_image_side", 4096, "Longest image side, in pixels, that the served signatures accept; larger is refused.",
         flag_values=flag_values,
     )  # fmt: skip
     flags.DEFINE_integer(
-        "max_batch_size", 1024, "Most images one request may hold; larger requests are refused.", flag_values=flag_values
-    )
+        "max_batch_size", 1024, "Most images one request may hold; larger requests are refused.",
+        flag_values=flag_values,
+    )  # fmt: skip
     flags.mark_flags_as_required(["model_dir", "export_dir"], flag_values=flag_values)
 
 

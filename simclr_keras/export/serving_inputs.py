@@ -30,12 +30,16 @@ CHANNEL_RULE = "3 (RGB), 1 (grayscale), 2 (grayscale and alpha) or 4 (RGBA; alph
 ENCODED_FORMATS = "JPEG, PNG, GIF or BMP"
 
 
+def _as_text(part):
+    return part if isinstance(part, str) or part.dtype == tf.string else tf.strings.as_string(part)
+
+
 def refusal(condition, *parts):
     """An assertion op: InvalidArgument "assertion failed: [<message>]" unless `condition`.
 
-    The message joins `parts`: strings, and int tensors written as numbers.
+    The message joins `parts`: strings or string tensors, and int tensors written as numbers.
     """
-    message = tf.strings.join([part if isinstance(part, str) else tf.strings.as_string(part) for part in parts])
+    message = tf.strings.join([_as_text(part) for part in parts])
     return tf.debugging.Assert(condition, [message], summarize=1)
 
 
@@ -48,7 +52,7 @@ def image_checks(shape, max_image_side, name):
             sides_in_range, name, ": ", height, "x", width, " pixels (height x width); this export takes sides "
             f"of 1 to {max_image_side} pixels (its max_image_side)",
         ),
-        refusal((channels >= 1) & (channels <= 4), name, ": ", channels, " channels; this export takes " + CHANNEL_RULE),
+        refusal((channels >= 1) & (channels <= 4), name, ": ", channels, " channels; this export takes ", CHANNEL_RULE),
     ]  # fmt: skip
 
 
@@ -77,7 +81,8 @@ def _resampled_rows(images, top, left, crop_height, crop_width, row_weights):
     max(STRIP_FLOATS, one row of the batch), never the image's.
     """
     shape = tf.shape(images)
-    strip_rows = tf.maximum(1, STRIP_FLOATS // (shape[0] * crop_width * shape[3]))
+    row_floats = tf.cast(shape[0], tf.int64) * tf.cast(crop_width * shape[3], tf.int64)  # int32 could overflow
+    strip_rows = tf.cast(tf.maximum(tf.constant(1, tf.int64), STRIP_FLOATS // row_floats), tf.int32)
 
     def add_strip(start, total):
         end = tf.minimum(start + strip_rows, crop_height)
@@ -144,7 +149,7 @@ def encoded_image_size(encoded):
         return tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic)
 
     def unknown():
-        with tf.control_dependencies([tf.debugging.Assert(False, ["not a " + ENCODED_FORMATS + " image"])]):
+        with tf.control_dependencies([refusal(False, "not a ", ENCODED_FORMATS, " image")]):
             return tf.zeros([2], tf.int32)
 
     return tf.case(
@@ -176,7 +181,7 @@ def _decode_within_bounds(index, encoded, max_image_side):
 
 
 def _checked_view(index, size, image, augmenter, max_image_side):
-    """(index, the evaluation view [S, S, 3]) of a decoded image, once its header and its pixels are within the bound."""
+    """(index, evaluation view [S, S, 3]) of a decoded image, once its header and pixels are within the bound."""
     name = tf.strings.join(["image_bytes[", tf.strings.as_string(index), "]"])
     with tf.control_dependencies(image_checks(tf.concat([size, [3]], 0), max_image_side, name)):
         decoded_checks = image_checks(tf.shape(image), max_image_side, name)

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Callable
 
 from simclr_keras import evaluation, export, runs
+from simclr_keras.representation import first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,17 @@ class Encoder:
     checkpoint: str | None = None
     random_init: bool = False
     rebuild_error: str | None = None
+
+    def view_features(self):
+        """Feature function of views already at the encoder's size (float32 [B, S, S, 3] in [0, 1]).
+
+        The backbone (and head up to `head_layer`) in inference mode, skipping the evaluation
+        preprocessing, so that a random crop is not centre-cropped again. Without a backbone (an
+        export written by other code) its signature, whose own preprocessing is unknown here, takes them.
+        """
+        if self.backbone is None:
+            return evaluation.feature_function_of_uint8_views(self.features)
+        return evaluation.feature_function_of_views(self.backbone, self.projection_head, self.head_layer)
 
     @classmethod
     def from_model(cls, model, head_layer=0, source="", **attributes):
@@ -109,7 +121,7 @@ class Encoder:
             features, input_size = None, None  # no head_layer_K output: the rebuilt head gives it
         except Exception as error:  # tf.saved_model.load raises several types for what is no SavedModel
             raise ValueError(
-                f"{path} is not an exported encoder ({_first_line(error)}); pass EXPORT_DIR/<version> written by "
+                f"{path} is not an exported encoder ({first_line(error)}); pass EXPORT_DIR/<version> written by "
                 "simclr_keras.export."
             ) from None
         parts, rebuild_error = _exported_parts(version_dir, head_layer)
@@ -135,13 +147,9 @@ class Encoder:
         )
 
 
-def _first_line(error):
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-
-
 def _exported_parts(version_dir, head_layer):
     """(export.ExportedParts, None), or (None, why not) for an export `load_exported_parts` cannot rebuild."""
     try:
         return export.load_exported_parts(version_dir, head_layer), None
     except Exception as error:  # it raises several types for exports it did not write
-        return None, _first_line(error)
+        return None, first_line(error)

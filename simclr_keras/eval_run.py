@@ -235,10 +235,11 @@ def _trained_outcome(name, result, settings, num_train, test_labels):
 def _linear(config, encoder, labelled, image_size):
     train_labels = labelled.train_labels
     if config.linear_augment:
-        # Linear evaluation crops as pretraining did (the official sampler otherwise).
+        # Views of the training size, cropped as pretraining did (the official sampler otherwise), go
+        # straight to the encoder: `features` would centre-crop them again above 32 px.
         train_features = evaluation.augmented_feature_epochs(
-            encoder.features, labelled.train_examples, len(train_labels), image_size, config.eval_batch_size,
-            config.seed, crop_sampler=encoder.crop_sampler,
+            encoder.view_features(), labelled.train_examples, len(train_labels), encoder.image_size or image_size,
+            config.eval_batch_size, config.seed, crop_sampler=encoder.crop_sampler,
         )  # fmt: skip
     else:
         train_features, train_labels = evaluation.extract_features(encoder.features, labelled.train_batches)

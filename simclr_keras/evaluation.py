@@ -17,8 +17,10 @@ Encoders enter as *feature functions*: callables mapping a batch of uint8 images
 features [B, D]. `feature_function_from_model` makes one from a SimCLR model (its evaluation
 preprocessing, then its encoder in inference mode), `feature_function_from_saved_model` from an
 exported encoder's `serving_default` signature; `simclr_keras.Encoder` (simclr_keras/encoder.py) holds
-one with what evaluation needs around it. Data enter as `tf.data` datasets of (uint8 image,
-int64 label), the format of `simclr_keras.data.load_images`. The whole evaluation as one call:
+one with what evaluation needs around it. Views cropped here (the official linear protocol's
+`augmented_feature_epochs`) skip the evaluation preprocessing: `feature_function_of_views`.
+Data enter as `tf.data` datasets of (uint8 image, int64 label), the format of
+`simclr_keras.data.load_images`. The whole evaluation as one call:
 `simclr_keras.evaluate_encoder` (simclr_keras/eval_run.py).
 """
 
@@ -257,12 +259,38 @@ def feature_function_from_model(model, head_layer=0):
 
     @tf.function(reduce_retracing=True)
     def features(images):
-        representation = model.encoder(model.augmenter(images, training=False), training=False)
-        if not head_layer:
-            return representation
-        return model.projection_head(representation, training=False, head_layer=head_layer)
+        views = model.augmenter(images, training=False)
+        return _features_of_views(model.encoder, model.projection_head, head_layer, views)
 
     return features
+
+
+def feature_function_of_views(encoder, projection_head=None, head_layer=0):
+    """Feature function of views already preprocessed: float32 [B, S, S, 3] in [0, 1] -> h [B, D].
+
+    For views cropped elsewhere (the official linear protocol's random crops): no evaluation
+    preprocessing is applied, so nothing is cropped twice. Encoder (and with `head_layer` K > 0,
+    the projection head up to its K-th layer) in inference mode.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def features(views):
+        return _features_of_views(encoder, projection_head, head_layer, views)
+
+    return features
+
+
+def feature_function_of_uint8_views(feature_function):
+    """Feature function of float views [B, S, S, 3] in [0, 1] from one of uint8 images (an export's
+    signature, whose own preprocessing then applies); the rounding is < 0.5 / 255."""
+    return lambda views: feature_function(tf.cast(tf.round(views * 255.0), tf.uint8))
+
+
+def _features_of_views(encoder, projection_head, head_layer, views):
+    representation = encoder(views, training=False)  # (B, D)
+    if not head_layer:
+        return representation
+    return projection_head(representation, training=False, head_layer=head_layer)
 
 
 def feature_function_from_saved_model(path, output="embeddings"):
@@ -394,17 +422,17 @@ def augmented_feature_epochs(
     """Features of freshly augmented training images, one call per epoch.
 
     Returns a function epoch -> features float32 [N, D]: every image of `examples` (unbatched uint8
-    image, label), in dataset order, through `random_crop_and_flip` with seeds drawn from
-    (seed, epoch, batch), then through `feature_function`. For `linear_evaluation(train_features=...)`.
+    image, label), in dataset order, through `random_crop_and_flip` to float views [B, S, S, 3] in
+    [0, 1] (S = image_size) with seeds drawn from (seed, epoch, batch), then through
+    `feature_function`, which takes those views as they are (`feature_function_of_views`: no
+    second crop). For `linear_evaluation(train_features=...)`.
     """
     examples = _maybe_cache(examples, num_examples, image_size, cache_limit_bytes)
 
     def features_of_epoch(epoch):
         def augment_batch(batch_index, batch):
             images, labels = batch
-            views = random_crop_and_flip(images, image_size, _batch_seed(seed, epoch, batch_index), crop_sampler)
-            # Feature functions take uint8, as an exported signature does; the rounding is < 0.5 / 255.
-            return tf.cast(tf.round(views * 255.0), tf.uint8), labels
+            return random_crop_and_flip(images, image_size, _batch_seed(seed, epoch, batch_index), crop_sampler), labels
 
         batches = examples.batch(batch_size).enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
         features, _ = extract_features(feature_function, batches.prefetch(tf.data.AUTOTUNE))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_keras import evaluation, export
+from simclr_keras import Encoder, EvalConfig, SimCLR, SimCLRAugmentation, eval_run, evaluation, export
 from simclr_keras.heads import ProjectionHead
 from simclr_keras.models.simclr import build_simclr
 
@@ -135,3 +135,38 @@ def test_linear_protocol_names():
     assert evaluation.linear_protocol_name(augment=True, standardize=False) == "official"
     assert evaluation.linear_protocol_name(augment=False, standardize=True) == "features"
     assert evaluation.linear_protocol_name(augment=True, standardize=True).startswith("custom")
+
+
+def test_official_linear_protocol_crops_each_training_view_once_at_96_pixels(monkeypatch):
+    # Above 32 px the evaluation preprocessing centre-crops 87.5%: the linear classifier must see the
+    # encoder applied to the random crop itself, not to a centre crop of it (issue 27).
+    keras.utils.set_random_seed(0)
+    spatial = keras.Sequential([keras.Input((96, 96, 3)), keras.layers.AveragePooling2D(16), keras.layers.Flatten()])
+    model = SimCLR(encoder=spatial, projection_head=ProjectionHead(output_dim=4), augmenter=SimCLRAugmentation(96))
+    images = np.random.default_rng(4).integers(0, 256, (6, 96, 96, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    examples = tf.data.Dataset.from_tensor_slices((images, labels))
+    labelled = eval_run._LabelledImages(examples, labels, None, examples, examples.batch(4), 2, ("a", "b"))
+    config = EvalConfig(protocol="linear", linear_protocol="official", epochs=1, eval_batch_size=4, seed=3).resolved()
+    seen = {}
+
+    def recording_linear_evaluation(train_features, *args, **kwargs):
+        seen["epoch_0"] = np.asarray(train_features(0))
+        return linear_evaluation(train_features, *args, **kwargs)
+
+    linear_evaluation = evaluation.linear_evaluation
+    monkeypatch.setattr(evaluation, "linear_evaluation", recording_linear_evaluation)
+    encoder = Encoder.from_model(model)
+    eval_run._linear(config, encoder, labelled, 96)
+
+    # The crops of epoch 0: batches of 4 (eval_batch_size), each drawn from the seed of (seed, epoch, batch).
+    views = np.concatenate([
+        evaluation.random_crop_and_flip(
+            tf.constant(images[start : start + 4]), 96, evaluation._batch_seed(3, 0, start // 4), encoder.crop_sampler
+        )
+        for start in (0, 4)
+    ])  # fmt: skip
+    assert not np.allclose(views, images / 255.0, atol=0.05)  # cropped, not the whole images
+    # Independent: 16 x 16 block means of each view, in numpy.
+    expected = views.reshape(6, 6, 16, 6, 16, 3).mean(axis=(2, 4)).reshape(6, -1)
+    np.testing.assert_allclose(seen["epoch_0"], expected, atol=TOLERANCE)

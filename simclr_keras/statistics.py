@@ -1,4 +1,5 @@
-"""Seed statistics of a study: mean, standard deviation and Welch's t interval of a difference.
+"""Seed statistics of a study: mean, standard deviation, t intervals of a difference (Welch's for two
+sets of runs, the paired one for two measurements of the same runs) and Holm's adjustment.
 
 Plain Python (no scipy): the Student t quantile comes from its CDF, written with the regularised
 incomplete beta function (continued fraction, evaluated by the modified Lentz method), inverted by
@@ -96,12 +97,26 @@ def student_t_quantile(probability, degrees_of_freedom):
 
 @dataclasses.dataclass(frozen=True)
 class Interval:
-    """A difference of two means with its confidence interval [low, high] and Welch's degrees of freedom."""
+    """A difference of two means with its confidence interval [low, high], the t statistic's degrees
+    of freedom, and the two-sided p-value of "no difference" (for multiple-comparison adjustments)."""
 
     difference: float
     low: float
     high: float
     degrees_of_freedom: float
+    p_value: float
+
+
+def _t_interval(difference, standard_error, degrees_of_freedom, confidence):
+    """The Interval difference +- t_{(1 + confidence) / 2, df} x standard_error; zero width without spread."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), received confidence={confidence}.")
+    if standard_error == 0.0:
+        return Interval(difference, difference, difference, math.inf, 1.0 if difference == 0.0 else 0.0)
+    half_width = student_t_quantile(0.5 + confidence / 2, degrees_of_freedom) * standard_error
+    # Two-sided: P(|T| >= |t|) = 2 P(T <= -|t|).
+    p_value = 2.0 * student_t_cdf(-abs(difference) / standard_error, degrees_of_freedom)
+    return Interval(difference, difference - half_width, difference + half_width, degrees_of_freedom, p_value)
 
 
 def welch_interval(values, baseline_values, confidence=0.95):
@@ -117,14 +132,44 @@ def welch_interval(values, baseline_values, confidence=0.95):
         raise ValueError(
             f"Welch's interval needs at least two values on each side, received {len(values)} and {len(baseline_values)}."
         )
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), received confidence={confidence}.")
     mean_a, std_a = mean_and_std(values)
     mean_b, std_b = mean_and_std(baseline_values)
     share_a, share_b = std_a**2 / len(values), std_b**2 / len(baseline_values)  # squared standard errors
-    difference = mean_a - mean_b
     if share_a + share_b == 0.0:
-        return Interval(difference, difference, difference, math.inf)
+        return _t_interval(mean_a - mean_b, 0.0, math.inf, confidence)
     degrees = (share_a + share_b) ** 2 / (share_a**2 / (len(values) - 1) + share_b**2 / (len(baseline_values) - 1))
-    half_width = student_t_quantile(0.5 + confidence / 2, degrees) * math.sqrt(share_a + share_b)
-    return Interval(difference, difference - half_width, difference + half_width, degrees)
+    return _t_interval(mean_a - mean_b, math.sqrt(share_a + share_b), degrees, confidence)
+
+
+def paired_interval(values, baseline_values, confidence=0.95):
+    """The paired t interval of mean(values - baseline_values), pair i being two measurements of one run.
+
+    With d_i = values[i] - baseline_values[i] over n pairs: mean(d) +- t_{(1 + confidence) / 2, n - 1}
+    x s_d / sqrt(n). Narrower than Welch's when the two measurements share the run's luck (the same
+    encoder evaluated two ways): the seed-to-seed spread cancels in d.
+
+    Raises ValueError for fewer than two pairs or sequences of different lengths.
+    """
+    if len(values) != len(baseline_values):
+        raise ValueError(
+            f"a paired interval needs one baseline value per value, received {len(values)} and {len(baseline_values)}."
+        )
+    if len(values) < 2:
+        raise ValueError(f"a paired interval needs at least two pairs, received {len(values)}.")
+    mean, std = mean_and_std([float(a) - float(b) for a, b in zip(values, baseline_values)])
+    return _t_interval(mean, std / math.sqrt(len(values)), len(values) - 1, confidence)
+
+
+def holm_adjusted_p_values(p_values):
+    """Holm's step-down adjusted p-values, in the order given (Holm, Scand. J. Statist. 6, 1979).
+
+    With the m p-values sorted ascending, p_(1) <= ... <= p_(m), the j-th adjusted one is
+    max over i <= j of min(1, (m - i + 1) p_(i)); a hypothesis is rejected at family-wise error
+    alpha when its adjusted p-value is <= alpha.
+    """
+    order = sorted(range(len(p_values)), key=lambda index: p_values[index])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

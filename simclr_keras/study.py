@@ -20,6 +20,7 @@ SIGTERM to the runner do the same at once. The study file format: simclr_keras.s
 """
 
 import datetime
+import hashlib
 import json
 import os
 import signal
@@ -205,26 +206,33 @@ def read_results(path):
     return records
 
 
-def finished_keys(records):
-    """{(variation, seed, flags)} of the runs the results file holds."""
-    return {(record["variation"], record["seed"], tuple(record["flags"])) for record in records}
+def finished_keys(study, records):
+    """{(variation, seed)} of the runs the results file holds as the study now describes them
+    (`study_report.record_counts`: the report counts the same records)."""
+    return set(study_report.counted_records(study, records))
 
 
 def is_recorded(run, keys):
-    return (run.variation.name, run.seed, tuple(run.flags)) in keys
+    return (run.variation.name, run.seed) in keys
 
 
-def _git(*arguments):
+def _git(*arguments, strip=True):
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        result = subprocess.run(["git", "-C", repository, *arguments], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(["git", "-C", repository, *arguments], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    if result.returncode:
+        return None
+    return result.stdout.decode("utf-8", "replace").strip() if strip else result.stdout
 
 
 def provenance():
-    """{"version", "commit", "dirty"} of the code that ran."""
+    """{"version", "commit", "dirty", "diff_sha256"} of the code that ran.
+
+    With uncommitted changes to tracked files, diff_sha256 is the SHA-256 of `git diff HEAD --binary`
+    (staged and unstaged), so that a run can be tied to a saved patch; None when clean or unknown.
+    """
     try:
         from importlib.metadata import version
 
@@ -232,7 +240,13 @@ def provenance():
     except Exception:  # not installed: the source tree's own
         package_version = None
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"version": package_version, "commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    diff = _git("diff", "HEAD", "--binary", strip=False) if status else None  # the bytes `| sha256sum` reads
+    return {
+        "version": package_version,
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+        "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None,
+    }
 
 
 def read_run_settings(model_dir):
@@ -242,13 +256,7 @@ def read_run_settings(model_dir):
         return {}
     with open(path, encoding="utf-8") as file:
         arguments = [line.strip() for line in file if line.strip()]
-    settings = {}
-    for argument in arguments:
-        name, value = _split_flag(argument)
-        if value is None:  # absl writes a boolean as --name or --noname
-            name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
-        settings[name] = value
-    return settings
+    return dict(study_report.flag_setting(argument) for argument in arguments)  # absl writes booleans as --x, --nox
 
 
 # --------------------------------------------------------------------------------------
@@ -521,7 +529,7 @@ def run_study(study, runs, stopper):
     """
     completed, failed = 0, []
     for run in runs:
-        if is_recorded(run, finished_keys(read_results(study.results_path))):
+        if is_recorded(run, finished_keys(study, read_results(study.results_path))):
             continue
         if stopper.reason():
             return completed, failed, stopper.reason()
@@ -563,7 +571,7 @@ def main(argv):
     try:
         train_defaults = cli_flag_defaults(TRAIN_MODULE)
         check_study_flags(study, train_defaults, cli_flag_defaults(EVALUATE_MODULE))
-        keys = finished_keys(read_results(study.results_path))
+        keys = finished_keys(study, read_results(study.results_path))
         if FLAGS.dry_run:
             print_plan(study, runs, keys, train_defaults)
             return
@@ -576,7 +584,7 @@ def main(argv):
     stopper.install()
     completed, failed, stop_reason = run_study(study, runs, stopper)
     records = read_results(study.results_path)
-    remaining = sum(not is_recorded(run, finished_keys(records)) for run in runs)
+    remaining = sum(not is_recorded(run, finished_keys(study, records)) for run in runs)
     report, figure = study_report.write_report(study, records)
     print(f"{completed} run(s) completed now, {remaining} of {len(runs)} left; wrote {report} and {figure}")
     if stop_reason:

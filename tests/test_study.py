@@ -1,5 +1,6 @@
 """The study runner (python -m simclr_keras.study): statistics, verdicts, the plan, stopping, end to end."""
 
+import hashlib
 import json
 import math
 import os
@@ -65,6 +66,41 @@ def test_welch_interval_of_a_hand_computation():
         statistics.welch_interval([1.0], [1.0, 2.0, 3.0])
 
 
+def test_paired_interval_of_a_hand_computation():
+    # d = [1, 2, 3]: mean 2, s_d = 1, se = 1 / sqrt(3), df = 2.
+    interval = statistics.paired_interval([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    half_width = T_TABLE_975[2] / math.sqrt(3)
+    assert (interval.difference, interval.low, interval.high) == pytest.approx((2.0, 2.0 - half_width, 2.0 + half_width))
+    assert interval.degrees_of_freedom == 2
+    # Student's t with 2 degrees has the closed-form CDF 1/2 + t / (2 sqrt(2 + t^2)): p = 1 - t / sqrt(2 + t^2).
+    t = 2.0 * math.sqrt(3)
+    assert interval.p_value == pytest.approx(1.0 - t / math.sqrt(2.0 + t * t), rel=1e-9)
+    # The seed-to-seed spread (10 points) cancels: Welch's interval of the same values is far wider.
+    shared_luck = [0.0, 10.0, -10.0]
+    paired = statistics.paired_interval([a + 1.0 for a in shared_luck], shared_luck)
+    assert (paired.low, paired.high) == (1.0, 1.0)  # every pair differs by exactly 1
+    assert statistics.welch_interval([a + 1.0 for a in shared_luck], shared_luck).low < -10
+    with pytest.raises(ValueError, match="one baseline value per value, received 3 and 2"):
+        statistics.paired_interval([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least two pairs, received 1"):
+        statistics.paired_interval([1.0], [2.0])
+
+
+def test_welch_p_value_is_the_confidence_at_which_the_interval_touches_zero():
+    # Equal sizes and variances (df = 4): the interval's low end is 0 exactly when p = 0.05.
+    difference = T_TABLE_975[4] * math.sqrt(2 / 3)  # the half-width of [1, 2, 3] against [3, 4, 5]
+    interval = statistics.welch_interval([1.0 + difference, 2.0 + difference, 3.0 + difference], [1.0, 2.0, 3.0])
+    assert interval.low == pytest.approx(0.0, abs=1e-9) and interval.p_value == pytest.approx(0.05, rel=1e-7)
+
+
+def test_holm_adjusted_p_values_of_a_hand_computation():
+    # Sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to the running 0.06.
+    adjusted = statistics.holm_adjusted_p_values([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert statistics.holm_adjusted_p_values([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert statistics.holm_adjusted_p_values([]) == []
+
+
 def _write_study(directory, body, base_flags=("--train_steps=10", "--batch_size=50")):
     base = directory / "base.flags"
     base.write_text("\n".join(base_flags) + "\n")
@@ -117,19 +153,24 @@ def _records(values):
 )
 def test_the_verdict_follows_the_interval_of_the_data(tmp_path, values, outcome):
     spec = _write_study(tmp_path, TWO_TEMPERATURES)
-    verdict_outcome, _ = study_report.judge(spec.verdicts[0], study_report.metric_values(spec, _records(values)))
+    verdict_outcome, _ = study_report.judge(spec.verdicts[0], study_report.values_by_seed(spec, _records(values)))
     assert verdict_outcome == outcome
     assert f"**{outcome}**" in study_report.report_markdown(spec, _records(values))
 
 
-def test_a_verdict_across_metrics_of_one_variation(tmp_path):
+def _h_and_z_study(tmp_path, h_values, z_of_t05):
+    """The two-temperature study with a z metric and the verdict "h > z" on t05; and its records."""
     body = TWO_TEMPERATURES + '[[evaluations]]\nname = "z"\nprotocol = "knn"\n'
     body += '[[verdicts]]\nfinding = "h > z"\nvariation = "t05"\norder = ["knn_top1", "z_top1"]\n'
-    spec = _write_study(tmp_path, body)
-    records = _records({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]})
-    for record, z in zip(records, [0.30, 0.31, 0.32, 0.9, 0.9, 0.9]):
+    records = _records({"t05": h_values, "t01": [0.40, 0.41, 0.42]})
+    for record, z in zip(records, [*z_of_t05, 0.9, 0.9, 0.9]):
         record["metrics"]["z_top1"] = z
-    outcome, comparisons = study_report.judge(spec.verdicts[1], study_report.metric_values(spec, records))
+    return _write_study(tmp_path, body), records
+
+
+def test_a_verdict_across_metrics_of_one_variation(tmp_path):
+    spec, records = _h_and_z_study(tmp_path, [0.50, 0.52, 0.51], [0.30, 0.31, 0.32])
+    outcome, comparisons = study_report.judge(spec.verdicts[1], study_report.values_by_seed(spec, records))
     assert outcome == "reproduced" and comparisons[0].interval.difference == pytest.approx(0.20)
 
 
@@ -147,6 +188,110 @@ def test_the_report_table_and_stale_records(tmp_path):
     assert f"- Base flags: `--flagfile={tmp_path / 'base.flags'}`\n" in text
 
 
+def test_h_vs_z_of_the_same_runs_is_judged_with_the_paired_interval(tmp_path):
+    # The seeds differ by 10 points, h and z of a seed by 3, 2 and 2: Welch's interval would span zero.
+    spec, records = _h_and_z_study(tmp_path, [0.50, 0.60, 0.40], [0.47, 0.58, 0.38])
+    outcome, (comparison,) = study_report.judge(spec.verdicts[1], study_report.values_by_seed(spec, records))
+    # d = [0.03, 0.02, 0.02]: mean 0.07 / 3, s_d = sqrt(((0.02/3)^2 + 2 (0.01/3)^2) / 2), df = 2.
+    mean, std = 0.07 / 3, math.sqrt(((0.02 / 3) ** 2 + 2 * (0.01 / 3) ** 2) / 2)
+    half_width = T_TABLE_975[2] * std / math.sqrt(3)
+    assert comparison.paired and outcome == "reproduced"
+    assert (comparison.interval.low, comparison.interval.high) == pytest.approx((mean - half_width, mean + half_width))
+    assert statistics.welch_interval([0.50, 0.60, 0.40], [0.47, 0.58, 0.38]).low < 0
+    # Seeds are paired by number: a seed with only one of the two metrics is left out.
+    del records[1]["metrics"]["z_top1"]
+    _, (comparison,) = study_report.judge(spec.verdicts[1], study_report.values_by_seed(spec, records))
+    assert comparison.interval.difference == pytest.approx(0.025) and comparison.interval.degrees_of_freedom == 1
+    text = study_report.report_markdown(spec, records)
+    assert "knn_top1 − z_top1 = +2.50 [" in text and "] paired over seeds (" in text
+
+
+def test_each_report_states_the_multiple_comparisons_and_holm_verdicts(tmp_path):
+    body = TWO_TEMPERATURES + textwrap.dedent(
+        """
+        [[variations]]
+        name = "t02"
+        flags = ["--temperature=0.2"]
+        [[verdicts]]
+        finding = "0.5 beats 0.2"
+        metric = "knn_top1"
+        order = ["t05", "t02"]
+        """
+    )
+    spec = _write_study(tmp_path, body)
+    values = {"t05": [0.50, 0.52, 0.51], "t01": [0.46, 0.49, 0.47], "t02": [0.47, 0.49, 0.46]}
+    records = _records({name: values[name] for name in ("t05", "t01")})
+    records += [{**records[0], "variation": "t02", "seed": seed, "flags": ["--temperature=0.2"],
+                 "metrics": {"knn_top1": value}} for seed, value in enumerate(values["t02"])]  # fmt: skip
+    text = study_report.report_markdown(spec, records)
+    # Each pair alone: p between 0.025 and 0.05, so its 95% interval excludes zero. Holm over the two
+    # (hand computation): the smaller p doubled is above 0.05, so neither is rejected.
+    p_values = [statistics.welch_interval(values["t05"], values[other]).p_value for other in ("t01", "t02")]
+    assert all(0.025 < p < 0.05 for p in p_values)
+    for finding in ("0.5 beats 0.1", "0.5 beats 0.2"):
+        assert f"- **{finding}** on `knn_top1`: **reproduced** (Holm: within noise)." in text
+    assert text.count("(as the paper; Holm: within noise)") == 2
+    # With one of the two far apart, its p is tiny: Holm doubles it (still < 0.05) and keeps the other's as is.
+    records[3:6] = [{**record, "metrics": {"knn_top1": value}} for record, value in zip(records[3:6], [0.40, 0.41, 0.42])]
+    text = study_report.report_markdown(spec, records)
+    assert "- **0.5 beats 0.1** on `knn_top1`: **reproduced** (Holm: reproduced)." in text
+    assert "- **0.5 beats 0.2** on `knn_top1`: **reproduced** (Holm: reproduced)." in text
+    # 2 differences to the baseline (t01, t02) and 2 judged pairs.
+    assert "this report shows 4 intervals at 95% each (2 for the differences to the baseline, 2 for the judged pairs)" in text
+
+
+def test_a_flag_added_to_the_study_file_after_the_runs_counts_when_the_runs_had_that_setting(tmp_path):
+    spec = _write_study(tmp_path, TWO_TEMPERATURES.replace('seeds = [0, 1, 2]', 'seeds = [0, 1, 2]\nflags = ["--train_epochs=3"]'))
+    records = _records({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]})
+    for record in records:  # run before the study file said --train_epochs=3; their flags.txt had it
+        record["settings"] = {"temperature": record["flags"][0].split("=")[1], "train_epochs": "3"}
+    records[0]["settings"]["train_epochs"] = "2"  # t05 seed 0 trained 2 epochs: not what the study says
+    records[0]["train_seconds"] = 6000.0
+    records[1]["flags"] = [*records[1]["flags"], "--batch_size=64"]  # and t05 seed 1 with a flag since removed
+    text = study_report.report_markdown(spec, records)
+    # t05 keeps seed 2 only, and its train minutes are that run's, not the dropped runs' (issue 27).
+    assert "| t05 (baseline) | `--temperature=0.5` | 1 | 51.00 (1 seed) | 1.0 |" in text
+    assert "| t01 | `--temperature=0.1` | 3 | 41.00 ± 1.00 | 1.0 |" in text
+    assert "(4 of 6 runs)" in text
+    assert study.finished_keys(spec, records) == {("t05", 2), ("t01", 0), ("t01", 1), ("t01", 2)}
+
+
+def test_dirty_records_carry_the_hash_of_the_uncommitted_diff(monkeypatch, tmp_path):
+    patch = b"diff --git a/x b/x\n+changed\n"
+
+    def fake_git(*arguments, strip=True):
+        answers = {("status", "--porcelain", "--untracked-files=no"): b" M x\n", ("rev-parse", "HEAD"): b"abc123\n"}
+        output = patch if arguments == ("diff", "HEAD", "--binary") else answers[arguments]
+        return output.decode().strip() if strip else output
+
+    monkeypatch.setattr(study, "_git", fake_git)
+    record = study.provenance()
+    assert record["dirty"] is True and record["commit"] == "abc123"
+    assert record["diff_sha256"] == hashlib.sha256(patch).hexdigest()  # the exact bytes, final newline included
+    spec = _write_study(tmp_path, TWO_TEMPERATURES)
+    records = [{**r, **record} for r in _records({"t05": [0.50, 0.52, 0.51], "t01": [0.40, 0.41, 0.42]})]
+    records[0] = {**records[0], "diff_sha256": None}
+    text = study_report.report_markdown(spec, records)
+    expected = f"(with uncommitted changes: `git diff HEAD` sha256 {record['diff_sha256'][:12]}; 1 of them recorded"
+    assert expected in text
+
+
+def test_every_committed_report_rebuilds_from_its_results_file(monkeypatch):
+    import glob
+
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(repository)  # the report names the study file relative to where the command runs
+    rebuilt = 0
+    for path in sorted(glob.glob("studies/*.toml")):
+        spec = load_study(path)
+        if os.path.isfile(spec.report_path):
+            with open(spec.report_path, encoding="utf-8") as file:
+                committed = file.read()
+            assert study_report.report_markdown(spec, study.read_results(spec.results_path)) == committed, path
+            rebuilt += 1
+    assert rebuilt >= 6
+
+
 def test_a_study_file_naming_a_flag_the_command_does_not_define_is_refused(tmp_path):
     spec = _write_study(tmp_path, TWO_TEMPERATURES.replace("--temperature=0.1", "--head_kind=linear"))
     with pytest.raises(ValueError, match="variation 't01' sets --head_kind, which `python -m simclr_keras.train` does not"):
@@ -161,7 +306,7 @@ def test_dry_run_estimates_configured_and_measured_costs(tmp_path, capsys):
     log_dir.mkdir(parents=True)
     times = [0.0, 30.0, 60.0, 62.0, 64.0]
     log_dir.joinpath("train_log.jsonl").write_text("".join(json.dumps({"step": i + 1, "time": t}) + "\n" for i, t in enumerate(times)))
-    keys = study.finished_keys(_records({"t05": [0.5]}))  # t05 seed 0 is in the results
+    keys = study.finished_keys(spec, _records({"t05": [0.5]}))  # t05 seed 0 is in the results
     defaults = {"train_steps": 0, "train_epochs": 100, "batch_size": 512, "dataset": "cifar10", "max_train_examples": 0}
     total = study.print_plan(spec, runs, keys, defaults)
     lines = capsys.readouterr().out.splitlines()

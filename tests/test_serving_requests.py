@@ -261,3 +261,16 @@ def test_export_bounds_must_be_positive_integers(served, tmp_path):
         with pytest.raises(ValueError, match=rf"^{name} must be a positive integer. Received: {name}={value}$"):
             export.export_encoder(served["model"], str(tmp_path), **settings)
     assert not os.listdir(tmp_path)  # refused before anything is written
+
+
+@pytest.mark.parametrize("strip_floats", [1, 500, 1 << 22], ids=["row_by_row", "several_rows", "one_strip"])
+def test_the_strips_of_rows_add_up_to_the_augmenters_evaluation_view(served, monkeypatch, strip_floats):
+    from simclr_keras.export import serving_inputs
+
+    monkeypatch.setattr(serving_inputs, "STRIP_FLOATS", strip_floats)
+    augmenter = sk.SimCLRAugmentation(24, eval_crop_fraction=0.875)  # a crop smaller than the image
+    images = random_images((2, 37, 53, 3), seed=6)
+    np.testing.assert_allclose(
+        serving_inputs.evaluation_views(tf.constant(images), augmenter).numpy(),
+        augmenter(images, training=False).numpy(), rtol=0, atol=1e-6,
+    )  # fmt: skip

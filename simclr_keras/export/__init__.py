@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 
 from simclr_keras.export import serving_inputs
+from simclr_keras.representation import representation_shape, views_shape
 
 __all__ = [
     "EvaluationPreprocessing", "ExportedParts", "export_encoder", "export_versions", "load_encoder",
@@ -322,7 +323,7 @@ def load_exported_parts(path, head_layer=0):
         head = keras.saving.deserialize_keras_object(metadata["projection_head"])
         head._check_head_layer(head_layer)
         if not head.built:  # the serialized config usually carries its build shape
-            head.build((None, int(encoder.output.shape[-1])))
+            head.build(representation_shape(encoder, views_shape(keras.saving.deserialize_keras_object(metadata["augmenter"]))))
         parts["projection_head_variables"] = _variables_by_path(head)
     # The head's variables are read only when needed. read(), unlike restore(), adds no save
     # counter that the SavedModel would lack.

@@ -260,7 +260,8 @@ def feature_function_from_model(model, head_layer=0):
     @tf.function(reduce_retracing=True)
     def features(images):
         views = model.augmenter(images, training=False)
-        return _features_of_views(model.encoder, model.projection_head, head_layer, views)
+        head = model.projection_head if head_layer else None  # anything with encoder and augmenter works for h
+        return _features_of_views(model.encoder, head, head_layer, views)
 
     return features
 

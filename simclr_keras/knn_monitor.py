@@ -2,9 +2,11 @@
 
 What lightly's `KNNBenchmarkModule` and solo-learn's online kNN give their users: a curve of how good
 the representation h is while it trains, cheap enough to draw on a CPU. A fixed memory of labelled
-training images and a fixed set of held-out query images (a subset of each, `--knn_subset`) go
+training images (`--knn_subset` of them, or with `--knn_memory=train` all of them, as the HCL and
+debiased-loss references' monitor) and a fixed set of held-out query images (`--knn_subset`) go
 through the model's evaluation preprocessing and its encoder in inference mode (BatchNorm moving
-statistics: nothing the training uses is touched), and `simclr_keras.evaluation.knn_classify` votes.
+statistics: nothing the training uses is touched), and `simclr_keras.evaluation.knn_classify` votes
+with weights exp(similarity / T), T = `--knn_temperature` (0.1; the references use 0.5).
 """
 
 import keras
@@ -112,18 +114,19 @@ class KnnMonitor(keras.callbacks.Callback):
             logs[LOG_KEY] = top1  # the same dict reaches the callbacks after this one
 
 
-def load_subsets(dataset, train_split, eval_split, image_size, data_dir, subset, strict=False):
+def load_subsets(dataset, train_split, eval_split, image_size, data_dir, subset, strict=False, memory_size=None):
     """(memory images, memory labels, query images, query labels, num_classes) for `KnnMonitor`.
 
-    The first `subset` labelled images of each split (class-balanced for image folders, see
-    `simclr_keras.data.load_images`), decoded into memory once.
+    The labelled images among the first `subset` of the eval split (the queries) and the first
+    `memory_size` of the training split (the memory; None: `subset`, 0: the whole split), class-balanced
+    for image folders (see `simclr_keras.data.load_images`), decoded into memory once.
     """
     from simclr_keras import data
 
     arrays = []
     num_classes = 0
-    for split in (train_split, eval_split):
-        images, info = data.load_images(dataset, split, image_size, data_dir, subset, strict)
+    for split, size in ((train_split, subset if memory_size is None else memory_size), (eval_split, subset)):
+        images, info = data.load_images(dataset, split, image_size, data_dir, size, strict)
         images = images.filter(lambda image, label: label >= 0).batch(1024)
         pairs = [(np.asarray(block_images), np.asarray(block_labels)) for block_images, block_labels in images]
         if not pairs:

@@ -126,6 +126,13 @@ class TrainConfig:
         0, "Online kNN monitor: kNN top-1 of --knn_subset eval-split images every N epochs, logged; 0: off."
     )
     knn_subset: int = integer_field(1000, "Online kNN monitor: images of the eval split classified, against as many training images.")
+    knn_memory: str = enum_field(
+        "subset", ("subset", "train"), "Online kNN monitor's memory bank: subset (--knn_subset training images) or "
+        "train (every labelled training image, up to --max_train_examples: the HCL/DCL references' monitor)."
+    )
+    knn_temperature: float = float_field(
+        0.1, "Online kNN monitor: temperature T of the votes exp(similarity / T); the HCL/DCL references use 0.5."
+    )
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -199,6 +206,8 @@ class TrainConfig:
             problems.append(f"knn_every_n_epochs must be >= 0, got {self.knn_every_n_epochs}.")
         if self.knn_subset < 1:
             problems.append(f"knn_subset must be >= 1, got {self.knn_subset}.")
+        if not self.knn_temperature > 0:
+            problems.append(f"knn_temperature must be > 0, got {self.knn_temperature}.")
         if self.knn_every_n_epochs and not self.eval_split:
             problems.append(
                 f"knn_every_n_epochs={self.knn_every_n_epochs} classifies images of eval_split, which is empty; pass one."

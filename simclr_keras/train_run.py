@@ -289,7 +289,8 @@ def _save_run_settings(config, run, model, start_step):
 
 def _knn_monitor(config, num_classes, steps_per_epoch):
     """[KnnMonitor] with knn_every_n_epochs, else []: kNN of knn_subset eval-split images against as
-    many labelled `train` images."""
+    many labelled `train` images (knn_memory=train: all of them, up to max_train_examples), voting
+    with knn_temperature."""
     if not config.knn_every_n_epochs:
         return []
     from simclr_keras import knn_monitor
@@ -299,16 +300,17 @@ def _knn_monitor(config, num_classes, steps_per_epoch):
             f"knn_every_n_epochs={config.knn_every_n_epochs} needs labelled images; dataset={config.dataset} has none."
         )
     try:
+        memory_size = config.max_train_examples if config.knn_memory == "train" else config.knn_subset  # 0: all
         memory, memory_labels, queries, query_labels, classes = knn_monitor.load_subsets(
             config.dataset, "train", config.eval_split, config.image_size, config.data_dir, config.knn_subset,
-            config.strict_data,
+            config.strict_data, memory_size=memory_size,
         )  # fmt: skip
     except ValueError as error:  # DatasetNotFoundError included
         raise ConfigError(f"knn_every_n_epochs: {error}") from error
     return [
         knn_monitor.KnnMonitor(
             memory, memory_labels, queries, query_labels, steps_per_epoch, config.knn_every_n_epochs, classes,
-            batch_size=config.eval_batch_size,
+            temperature=config.knn_temperature, batch_size=config.eval_batch_size,
         )
     ]  # fmt: skip
 

@@ -83,6 +83,50 @@ def test_bad_arguments_name_the_value_received():
         KnnMonitor(images, [0, 1, 0], images, [0, 1], 3, 1, 2)
 
 
+def _write_folder(root, counts):
+    """An image folder root/{train,test}/{a,b}/*.png of 8 x 8 images; returns {split: sorted pixel bytes}."""
+    generator, pixels = np.random.default_rng(5), {}
+    for split, per_class in counts.items():
+        for name in ("a", "b"):
+            os.makedirs(os.path.join(root, split, name))
+            for index in range(per_class):
+                image = generator.integers(0, 256, [8, 8, 3], dtype=np.uint8)
+                tf.io.write_file(os.path.join(root, split, name, f"{index}.png"), tf.io.encode_png(image))
+                pixels.setdefault(split, []).append(image.tobytes())
+    return {split: sorted(values) for split, values in pixels.items()}
+
+
+@pytest.mark.parametrize(
+    "settings, memory_size",
+    [(dict(), 2), (dict(knn_memory="train"), 10), (dict(knn_memory="train", max_train_examples=6), 6)],
+)
+def test_the_memory_bank_is_the_subset_or_the_whole_training_split(tmp_path, settings, memory_size):
+    from simclr_keras.train_config import TrainConfig
+    from simclr_keras.train_run import _knn_monitor
+
+    pixels = _write_folder(str(tmp_path / "data"), {"train": 5, "test": 3})
+    config = TrainConfig(
+        dataset=f"folder:{tmp_path / 'data'}", model_dir=str(tmp_path / "run"), image_size=8, knn_every_n_epochs=1,
+        knn_subset=2, knn_temperature=0.5, **settings,
+    )  # fmt: skip
+    assert config.validate() == []
+    (monitor,) = _knn_monitor(config, num_classes=2, steps_per_epoch=3)
+    assert len(monitor.memory_images) == len(monitor.memory_labels) == memory_size
+    assert len(monitor.query_images) == 2 and monitor.temperature == 0.5
+    memory = sorted(image.tobytes() for image in monitor.memory_images)
+    if memory_size == 10:  # the whole split: every training image, as its PNG holds it
+        assert memory == pixels["train"]
+    assert set(memory) <= set(pixels["train"])
+
+
+def test_the_monitors_temperature_must_be_positive():
+    from simclr_keras.train_config import TrainConfig
+
+    assert "knn_temperature must be > 0, got 0.0." in TrainConfig(model_dir="x", knn_temperature=0.0).validate()
+    problems = " ".join(TrainConfig(model_dir="x", knn_memory="all").validate())
+    assert "knn_memory" in problems and "'all'" in problems
+
+
 def test_the_training_curves_draw_the_knn_points():
     records = [{"step": step, "loss": 5.0 - step / 100, "probe_accuracy": 0.1} for step in range(1, 101)]
     records[49]["knn_top1"], records[99]["knn_top1"] = 0.2, 0.3

@@ -14,7 +14,8 @@ the view size if larger) are first downscaled to it, aspect ratio kept (antialia
 bound on the canvas and on the memory of a batch, where the official code crops from any size.
 
 Dataset names:
-  - TFDS: "cifar10", "cifar100", "stl10", "imagenet2012" (read from `data_dir`; nothing is downloaded).
+  - TFDS: "cifar10", "cifar100", "stl10", "imagenet2012": a local copy named by $SIMCLR_KERAS_LOCAL_DATA,
+    or TFDS's copy in `data_dir`, downloaded and prepared on first use (simclr_keras.dataset_sources).
   - "folder:DIR": DIR holds split folders (train/, test/, optionally unlabeled/) of class folders of
     images, the layout of `tfds.folder_dataset.ImageFolder` and `keras.utils.image_dataset_from_directory`.
     Class indices follow the sorted class folder names of train/ and are shared by every split; images
@@ -41,8 +42,10 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from simclr_keras import dataset_sources
+from simclr_keras.dataset_sources import TFDS_DATASETS, DatasetNotFoundError
+
 FOLDER_PREFIX = "folder:"
-TFDS_DATASETS = ("cifar10", "cifar100", "stl10", "imagenet2012")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Split folders whose images need no class folder (the others' subfolders must be classes of train/).
 UNLABELED_SPLITS = ("unlabeled", "unlabelled")
@@ -53,10 +56,6 @@ DEFAULT_MAX_SOURCE_SIZE = 512
 # Keys of a padded element; the same as simclr_keras.augment.PADDED_IMAGES and IMAGE_SHAPES.
 PADDED_IMAGES = "images"
 IMAGE_SHAPES = "image_shapes"
-
-
-class DatasetNotFoundError(ValueError):
-    """The dataset or split cannot be read; the message says what to pass instead."""
 
 
 class InvalidImageError(DatasetNotFoundError):
@@ -308,19 +307,13 @@ def skipped_files_report(info, limit=20):
     return lines
 
 
-def _tfds_dataset(name, split, data_dir, max_side, max_examples):
-    import tensorflow_datasets as tfds  # imported here: slow, and only needed for TFDS datasets
-
+def _tfds_dataset(builder, split, max_side, max_examples):
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
         dataset = builder.as_dataset(split=split, shuffle_files=False)
-    except Exception as error:  # tfds raises several types for "not prepared" and "no such split"
-        location = data_dir or "~/tensorflow_datasets"
+    except Exception as error:  # tfds raises several types for "no such split"
         raise DatasetNotFoundError(
-            f"--dataset={name} split '{split}' is not prepared in {location} and cannot be downloaded here "
-            f"({type(error).__name__}). Prepare it where there is internet (`tfds build {name} "
-            f"--data_dir=DIR`{' --manual_dir=DIR' if name == 'imagenet2012' else ''}) and pass "
-            "--data_dir=DIR, or use --dataset=folder:DIR for an image folder."
+            f"--dataset={builder.name} has no split '{split}' in {builder.data_dir} ({type(error).__name__}); "
+            f"its splits are {sorted(builder.info.splits)}."
         ) from None
     num_examples = int(dataset.cardinality())
     if num_examples < 0:  # unknown cardinality: count once (split metadata is missing)
@@ -349,9 +342,13 @@ def _tfds_dataset(name, split, data_dir, max_side, max_examples):
 def check_dataset(dataset, splits):
     """Raises DatasetNotFoundError, as load_images would, for an unknown dataset name or a folder
     split that is missing or holds no image files; reads nothing but folder listings."""
-    if dataset.startswith(FOLDER_PREFIX):
+    folder = dataset[len(FOLDER_PREFIX):] if dataset.startswith(FOLDER_PREFIX) else None
+    if dataset in TFDS_DATASETS:
+        copy = dataset_sources.local_copy(dataset)
+        folder = copy if copy and dataset_sources.is_image_folder(copy) else None
+    if folder:
         for split in splits:
-            list_image_folder(dataset[len(FOLDER_PREFIX):], split)
+            list_image_folder(folder, split)
     elif dataset not in TFDS_DATASETS:
         raise DatasetNotFoundError(
             f"unknown dataset {dataset!r}; expected one of {list(TFDS_DATASETS)} or folder:DIR."
@@ -389,7 +386,10 @@ def load_images(
             dataset[len(FOLDER_PREFIX):], split, max_side, max_examples, strict, cache_limit_bytes
         )
     if dataset in TFDS_DATASETS:
-        return _tfds_dataset(dataset, split, data_dir, max_side, max_examples)
+        source = dataset_sources.source_of(dataset, data_dir)
+        if isinstance(source, str):  # a local copy as an image folder
+            return _folder_dataset(source, split, max_side, max_examples, strict, cache_limit_bytes)
+        return _tfds_dataset(source, split, max_side, max_examples)
     raise DatasetNotFoundError(
         f"unknown dataset {dataset!r}; expected one of {list(TFDS_DATASETS)} or folder:DIR."
     )

@@ -1,6 +1,6 @@
 """EvalConfig: every setting of an evaluation, the fields of `python -m simclr_keras.evaluate`'s flags.
 
-    config = EvalConfig(protocol="knn", model_dir="runs/cifar10", dataset="folder:../shared/datasets/cifar10")
+    config = EvalConfig(protocol="knn", model_dir="runs/cifar10", dataset="cifar10")
     problems = config.validate()  # [] or one-line messages, e.g. "knn_k must be >= 1, got 0."
     result = simclr_keras.evaluate_encoder(config)
 
@@ -34,8 +34,12 @@ class EvalConfig:
     )
     random_init: bool = bool_field(False, "Evaluate a randomly initialised encoder of --model_dir's architecture.")
     # Data
-    dataset: str = string_field("cifar10", "cifar10, cifar100, stl10, imagenet2012 (TFDS) or folder:DIR.")
-    data_dir: str | None = string_field(None, "TFDS data directory holding prepared datasets.")
+    dataset: str = string_field(
+        "cifar10", "cifar10, cifar100, stl10, imagenet2012 (TFDS, downloaded on first use) or folder:DIR."
+    )
+    data_dir: str | None = string_field(
+        None, "TFDS data directory, where datasets are downloaded and prepared (default: TFDS's own, $TFDS_DATA_DIR)."
+    )
     train_split: str = string_field("train", "Labelled split the classifier (or kNN memory) is built from.")
     eval_split: str = string_field("test", "Split the accuracy is measured on.")
     max_train_examples: int = integer_field(

@@ -1,7 +1,7 @@
 """Evaluate a pretrained encoder from the command line: kNN, linear evaluation or fine-tuning.
 
     python -m simclr_keras.evaluate --protocol=knn --model_dir=runs/cifar10 \
-        --dataset=folder:../shared/datasets/cifar10 --output=runs/cifar10/knn.json
+        --dataset=cifar10 --output=runs/cifar10/knn.json
     python -m simclr_keras.evaluate --protocol=linear --encoder=exports/cifar10/1 --dataset=cifar10 --data_dir=DIR
     python -m simclr_keras.evaluate --protocol=finetune --label_fraction=0.1 --model_dir=runs/cifar10 ...
     python -m simclr_keras.evaluate --protocol=knn --model_dir=runs/cifar10 --random_init ...  # the baseline

@@ -1,8 +1,7 @@
 """Pretrain a SimCLR encoder from the command line.
 
     python -m simclr_keras.train --flagfile=configs/cifar10.flags --model_dir=runs/cifar10
-    python -m simclr_keras.train --flagfile=configs/quickstart.flags \
-        --dataset=folder:../shared/datasets/cifar10 --model_dir=runs/quickstart
+    python -m simclr_keras.train --flagfile=configs/quickstart.flags --model_dir=runs/quickstart
 
 Writes to --model_dir: checkpoints (re-running with the same model_dir resumes), flags.txt (the flags
 used, re-usable as a --flagfile), train_log.jsonl (one JSON object per step), TensorBoard logs in

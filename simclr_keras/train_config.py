@@ -1,6 +1,6 @@
 """TrainConfig: every setting of a pretraining run, the fields of `python -m simclr_keras.train`'s flags.
 
-    config = TrainConfig(dataset="folder:../shared/datasets/cifar10", model_dir="runs/quickstart", train_steps=100)
+    config = TrainConfig(dataset="cifar10", model_dir="runs/quickstart", train_steps=100)
     problems = config.validate()  # [] or one-line messages, e.g. "temperature must be > 0, got 0.0."
     result = simclr_keras.pretrain(config)
 
@@ -33,8 +33,12 @@ class TrainConfig:
     """The settings of one pretraining run; `validate()` lists what is wrong with them."""
 
     # Data
-    dataset: str = string_field("cifar10", "cifar10, cifar100, stl10, imagenet2012 (TFDS) or folder:DIR.")
-    data_dir: str = string_field(None, "TFDS data directory holding prepared datasets.")
+    dataset: str = string_field(
+        "cifar10", "cifar10, cifar100, stl10, imagenet2012 (TFDS, downloaded on first use) or folder:DIR."
+    )
+    data_dir: str = string_field(
+        None, "TFDS data directory, where datasets are downloaded and prepared (default: TFDS's own, $TFDS_DATA_DIR)."
+    )
     train_split: str = string_field("", "Pretraining split; empty: train (+unlabelled where the dataset has it).")
     eval_split: str = string_field("test", "Split the online probe is evaluated on after training; empty: none.")
     max_train_examples: int = integer_field(0, "Use only the first N training images (class-balanced for folders); 0: all.")

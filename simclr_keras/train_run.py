@@ -1,6 +1,6 @@
 """`pretrain(config)`: a whole pretraining run, as `python -m simclr_keras.train` does it, as a library call.
 
-    result = pretrain(TrainConfig(dataset="folder:../shared/datasets/cifar10", model_dir="runs/q", train_steps=100))
+    result = pretrain(TrainConfig(dataset="cifar10", model_dir="runs/q", train_steps=100))
     result = pretrain(TrainConfig.from_run_dir("runs/q").replace(train_steps=200))  # resumes at step 100
 
 Writes into `model_dir` what the command line writes (simclr_keras/runs.py lists the files): checkpoints

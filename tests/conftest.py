@@ -1,4 +1,11 @@
-"""Shared fixtures: small class-balanced subsets of the shared CIFAR-10 image folder."""
+"""Shared fixtures: small class-balanced subsets of the offline CIFAR-10 image folder.
+
+The suite reads CIFAR-10 through the package's own local-copy override, SIMCLR_KERAS_LOCAL_DATA
+(simclr_keras.dataset_sources): a folder holding cifar10/ (or the cifar10 folder itself), as an
+image folder of train/<class>/*.jpg and test/<class>/*.jpg. Unset, it is set here to the development
+machines' offline copy beside the repository, ../shared/datasets/cifar10, so that subprocesses see it
+too. No test downloads anything.
+"""
 
 import os
 import shutil
@@ -8,6 +15,8 @@ import sys
 import pytest
 import tensorflow as tf
 
+from simclr_keras import dataset_sources
+
 # Two logical CPU devices for the multi-replica tests (tests/test_distribute.py). This must happen
 # before TensorFlow initialises its devices, i.e. here, before any test module runs. Single-device
 # code keeps running on the first one.
@@ -16,17 +25,16 @@ tf.config.set_logical_device_configuration(
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR10_DIR = os.environ.get(
-    "SIMCLR_CIFAR10_DIR", os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10")
-)
+os.environ.setdefault(dataset_sources.LOCAL_DATA_ENV, os.path.join(REPO_ROOT, "..", "shared", "datasets", "cifar10"))
+CIFAR10_DIR = dataset_sources.local_copy("cifar10") or os.environ[dataset_sources.LOCAL_DATA_ENV]
 
 
 def make_cifar10_subset(destination, train_per_class, test_per_class):
     """Copies the first images of each class into destination/{train,test}/<class>/."""
     if not os.path.isdir(os.path.join(CIFAR10_DIR, "train")):
         raise FileNotFoundError(
-            f"the shared CIFAR-10 image folder is missing at {CIFAR10_DIR}; set SIMCLR_CIFAR10_DIR to a "
-            "folder holding train/<class>/*.jpg and test/<class>/*.jpg"
+            f"the offline CIFAR-10 image folder is missing at {CIFAR10_DIR}; set {dataset_sources.LOCAL_DATA_ENV} "
+            "to a folder holding cifar10/train/<class>/*.jpg and cifar10/test/<class>/*.jpg"
         )
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         for class_name in sorted(os.listdir(os.path.join(CIFAR10_DIR, split))):

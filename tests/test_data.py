@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import BAD_FILES
 
-from simclr_keras import data
+from simclr_keras import data, dataset_sources
 
 
 def _write_png(path, array):
@@ -116,12 +116,10 @@ def test_missing_folder_split_and_unknown_dataset_name_the_input(small_folder, t
         data.load_images("mnist", "train", image_size=8)
 
 
-def test_missing_tfds_dataset_says_how_to_run_offline(tmp_path):
-    with pytest.raises(data.DatasetNotFoundError, match="--data_dir=DIR.*--dataset=folder:DIR"):
-        data.load_images("cifar10", "train", image_size=32, data_dir=str(tmp_path))
-
-
-def test_tfds_cifar10_and_stl10_unlabelled_through_mock_data():
+def test_tfds_cifar10_and_stl10_unlabelled_through_mock_data(monkeypatch):
+    monkeypatch.delenv(dataset_sources.LOCAL_DATA_ENV, raising=False)  # TFDS itself, not the local copy
+    # mock_data replaces what a prepared copy would hold; the download path is tests/test_dataset_sources.py's.
+    monkeypatch.setattr(dataset_sources, "prepared_builder", lambda name, data_dir=None: tfds.builder(name, data_dir=data_dir))
     # USE_CODE: split metadata comes from the builder code, not from files this machine lacks.
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
         dataset, info = data.load_images("cifar10", "train", image_size=32)

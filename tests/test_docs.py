@@ -48,7 +48,7 @@ def test_readme_pretrain_example_trains_then_resumes(cifar10_500, tmp_path):
     namespace = run_shrunk(
         readme_python_block("sk.pretrain("),
         [
-            ("../shared/datasets/cifar10", cifar10_500),
+            ('dataset="cifar10"', f'dataset="folder:{cifar10_500}"'),
             ("train_steps=100", "train_steps=2"),
             ("batch_size=256, width_multiplier=0.25", "batch_size=64, width_multiplier=0.125"),
             # What the first call logged, to compare with the log after the second call.
@@ -77,7 +77,7 @@ def test_readme_fit_example_runs(cifar10_500, tmp_path):
     namespace = run_shrunk(
         readme_python_block("model.fit("),
         [
-            ("../shared/datasets/cifar10", cifar10_500),
+            ('load_images("cifar10"', f'load_images("folder:{cifar10_500}"'),
             ("epochs, steps_per_epoch = 100,", "epochs, steps_per_epoch = 1,"),
             ("512", "64"),
             ("warmup_steps=10 * steps_per_epoch", "warmup_steps=steps_per_epoch"),

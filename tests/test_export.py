@@ -248,9 +248,8 @@ def run_docs_grpc_client(exported, containing, replacements, namespace):
         import grpc
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
     except ImportError:
-        # Not a skip: the documented client would go untested. The package is pure Python, but its
-        # metadata asks for the full tensorflow wheel, hence --no-deps beside tensorflow-cpu.
-        pytest.fail("tensorflow-serving-api is missing: pip install --no-deps tensorflow-serving-api==2.21.0")
+        # Not a skip: the documented client would go untested. The `test` extra installs it.
+        pytest.fail('tensorflow-serving-api is missing: pip install -e ".[test]" (or ".[serving]")')
 
     signatures = tf.saved_model.load(os.path.join(exported["export_dir"], "2")).signatures
     model_name = served_model_name()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import CIFAR10_DIR
 from official_reference import OfficialNetwork, save_fake_official
 from simclr_keras import official
 from simclr_keras.backbones import resnet
@@ -23,14 +24,13 @@ from simclr_keras.backbones import resnet
 
 def _facts_dir():
     """Where SIMCLR_OFFICIAL_FACTS_DIR says; else shared/official_simclr beside the repository, or in
-    the shared folder that holds SIMCLR_CIFAR10_DIR (shared/datasets/cifar10)."""
+    the shared folder that holds the offline CIFAR-10 copy (shared/datasets/cifar10, conftest.py)."""
     if "SIMCLR_OFFICIAL_FACTS_DIR" in os.environ:
         return os.environ["SIMCLR_OFFICIAL_FACTS_DIR"]
     beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "official_simclr")
-    cifar = os.environ.get("SIMCLR_CIFAR10_DIR")
-    if os.path.isdir(beside) or not cifar:
+    if os.path.isdir(beside):
         return beside
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cifar))), "official_simclr")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(CIFAR10_DIR))), "official_simclr")
 
 
 FACTS_DIR = _facts_dir()

@@ -28,6 +28,8 @@ LIGHT_MODULES = [
     "simclr_keras.train_config",
     "simclr_keras.model_config",
     "simclr_keras.eval_config",
+    "simclr_keras.dataset_sources",
+    "simclr_keras.prepare_data",
 ]
 
 

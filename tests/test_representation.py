@@ -174,3 +174,69 @@ def test_moco_with_an_encoder_it_cannot_copy_fails_naming_get_config():
     SimCLR(encoder, ProjectionHead(output_dim=4), SimCLRAugmentation(IMAGE_SIZE))  # SimCLR needs no copy
     with pytest.raises(ValueError, match=r"key encoder as UnconfigurableEncoder.from_config.*give Unconfig.*get_config"):
         MoCo(encoder=encoder, projection_head=ProjectionHead(output_dim=4), augmenter=SimCLRAugmentation(IMAGE_SIZE))
+
+
+def functional_encoder():
+    images = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    features = keras.layers.BatchNormalization()(keras.layers.Conv2D(5, 3)(images))
+    return keras.Model(images, keras.layers.GlobalAveragePooling2D()(features))
+
+
+EXPORTED_ENCODERS = {
+    "functional": functional_encoder,
+    "sequential_with_input": lambda: sequential_encoder(True),
+    "sequential_without_input": lambda: sequential_encoder(False),
+    "subclassed": lambda: SubclassedEncoder(width=8),
+}
+
+
+def trained_for_export(make_encoder):
+    """A SimCLR model of that encoder after two steps: weights and BatchNorm statistics away from their start."""
+    keras.utils.set_random_seed(3)
+    model = SimCLR(
+        encoder=make_encoder(), projection_head=ProjectionHead(num_layers=2, output_dim=8),
+        augmenter=SimCLRAugmentation(IMAGE_SIZE, color_jitter_strength=0.5, seed=3),
+    )  # fmt: skip
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    model.fit(batch(IMAGE_SIZE)[0], batch_size=4, epochs=1, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED_ENCODERS))
+def test_any_encoder_exports_and_loads_back_with_its_weights(name, tmp_path):
+    from simclr_keras import Encoder, export, load_encoder
+
+    model = trained_for_export(EXPORTED_ENCODERS[name])
+    version_dir = export.export_encoder(model, str(tmp_path / "exports"))
+    images = batch(IMAGE_SIZE, n=5, seed=4)[0]
+    views = model.augmenter(images, training=False)
+    embeddings = model.encoder(views, training=False).numpy()  # the Keras model's h, inference mode
+    projections = model.projection_head(embeddings, training=False, head_layer=1).numpy()
+
+    np.testing.assert_allclose(load_encoder(version_dir)(images).numpy(), embeddings, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(load_encoder(version_dir, head_layer=1)(images).numpy(), projections, rtol=0, atol=1e-5)
+    encoder = Encoder.from_export(version_dir)
+    assert encoder.rebuild_error is None and encoder.backbone is not None
+    np.testing.assert_allclose(encoder.features(images).numpy(), embeddings, rtol=0, atol=1e-5)  # the signature
+    np.testing.assert_allclose(encoder.view_features()(views).numpy(), embeddings, rtol=0, atol=1e-5)  # rebuilt
+    assert np.abs(embeddings).max() > 0.01
+
+
+def test_an_export_of_an_earlier_version_without_saved_weights_still_loads(tmp_path):
+    # Earlier exports keyed their weights by path and recorded no order; a functional encoder's paths match.
+    import json
+    import os
+
+    from simclr_keras import export, load_encoder
+
+    model = trained_for_export(functional_encoder)
+    version_dir = export.export_encoder(model, str(tmp_path / "exports"))
+    metadata_path = os.path.join(version_dir, export.METADATA_PATH)
+    with open(metadata_path, encoding="utf-8") as file:
+        metadata = json.load(file)
+    del metadata["saved_weights"]
+    with open(metadata_path, "w", encoding="utf-8") as file:
+        json.dump(metadata, file)
+    images = batch(IMAGE_SIZE, n=3, seed=5)[0]
+    expected = model.encoder(model.augmenter(images, training=False), training=False).numpy()
+    np.testing.assert_allclose(load_encoder(version_dir)(images).numpy(), expected, rtol=0, atol=1e-5)

@@ -66,14 +66,51 @@ def _variables_by_path(layer):
     return variables
 
 
+def _saved_weights(layer):
+    """[[path, shape], ...] of `layer.weights`, in order: the keys the SavedModel stores them under.
+
+    A weight's path depends on the name scope it was built in (a Sequential encoder built inside
+    SimCLR has `sequential/conv2d/kernel`, the same one deserialised alone `conv2d/kernel`), but the
+    order of `layer.weights` follows the layers' structure (tracking order, then creation order
+    within a layer), which a model rebuilt from its config shares. So `load_exported_parts` pairs
+    the rebuilt weights with these keys by position, checking each shape.
+    """
+    return [[weight.path, list(weight.shape)] for weight in layer.weights]
+
+
+def _variables_by_saved_path(layer, saved_weights, description):
+    """The rebuilt `layer`'s tf.Variables keyed by the paths the export stored them under.
+
+    `saved_weights` is `_saved_weights` of the exported layer, or None for an export written before
+    they were recorded: those are keyed by the rebuilt paths, which match for functional encoders.
+    Raises ValueError (one line) when the rebuilt layer's weights do not pair with the saved ones.
+    """
+    if saved_weights is None:
+        return _variables_by_path(layer)
+    weights = layer.weights
+    if len(weights) != len(saved_weights):
+        raise ValueError(
+            f"the rebuilt {description} has {len(weights)} weights where the export saved {len(saved_weights)}; "
+            "its class must rebuild the same layers from its config (get_config)."
+        )
+    for weight, (path, shape) in zip(weights, saved_weights):
+        if list(weight.shape) != list(shape):
+            raise ValueError(
+                f"the rebuilt {description}'s weight {weight.path} has shape {tuple(weight.shape)} where the export "
+                f"saved {path} with shape {tuple(shape)}; its class must rebuild the same layers from its config."
+            )
+    return {path: weight.value for weight, (path, _) in zip(weights, saved_weights)}
+
+
 class _ServingModule(tf.Module):
     """The object tf.saved_model.save writes: the weights' tf.Variables and the two signatures.
 
     The tf.Variables that Keras weights wrap are tracked, not the Keras layers: saving a Keras 3
     weight adds a second, differently named copy of it to the graph, and TF Serving (like
     saved_model_cli run) restores the copy while the signature reads the original, which it then
-    finds uninitialised. Keyed by path, the variables also restore into a rebuilt encoder
-    (`load_encoder`). The augmenter is not tracked: its evaluation path has no variables. What a
+    finds uninitialised. The variables are keyed by path; the metadata lists those keys in
+    `weights` order, by which they restore into a rebuilt encoder (`load_encoder`, whose paths may
+    differ: `_saved_weights`). The augmenter is not tracked: its evaluation path has no variables. What a
     request goes through before the encoder (bounds, channels, decoding) is `serving_inputs`.
     """
 
@@ -183,6 +220,10 @@ def export_encoder(
             "augmenter": keras.saving.serialize_keras_object(model.augmenter),
             "projection_head": keras.saving.serialize_keras_object(model.projection_head),
             "head_layer": head_layer,
+            # The SavedModel's keys of each part's weights, in `weights` order (`_saved_weights`).
+            "saved_weights": {
+                "encoder": _saved_weights(model.encoder), "projection_head": _saved_weights(model.projection_head),
+            },
             "max_image_side": max_image_side,
             "max_batch_size": max_batch_size,
         }
@@ -312,7 +353,11 @@ def load_exported_parts(path, head_layer=0):
     version_dir = resolve_version_dir(path)
     metadata = _read_metadata(version_dir)
     encoder = keras.saving.deserialize_keras_object(metadata["encoder"])
-    parts = {"encoder_variables": _variables_by_path(encoder)}
+    saved_weights = metadata.get("saved_weights", {})  # absent from exports of earlier versions
+    augmenter = keras.saving.deserialize_keras_object(metadata["augmenter"])
+    if not encoder.built:  # a Sequential without Input or a subclassed encoder: build it on the views
+        representation_shape(encoder, views_shape(augmenter))
+    parts = {"encoder_variables": _variables_by_saved_path(encoder, saved_weights.get("encoder"), "encoder")}
     head = None
     if head_layer:
         if "projection_head" not in metadata:
@@ -323,12 +368,13 @@ def load_exported_parts(path, head_layer=0):
         head = keras.saving.deserialize_keras_object(metadata["projection_head"])
         head._check_head_layer(head_layer)
         if not head.built:  # the serialized config usually carries its build shape
-            head.build(representation_shape(encoder, views_shape(keras.saving.deserialize_keras_object(metadata["augmenter"]))))
-        parts["projection_head_variables"] = _variables_by_path(head)
+            head.build(representation_shape(encoder, views_shape(augmenter)))
+        parts["projection_head_variables"] = _variables_by_saved_path(
+            head, saved_weights.get("projection_head"), "projection head"
+        )
     # The head's variables are read only when needed. read(), unlike restore(), adds no save
     # counter that the SavedModel would lack.
     tf.train.Checkpoint(**parts).read(
         os.path.join(version_dir, "variables", "variables")
     ).expect_partial().assert_existing_objects_matched()
-    augmenter = keras.saving.deserialize_keras_object(metadata["augmenter"])
     return ExportedParts(encoder, augmenter, head, version_dir)

@@ -23,12 +23,25 @@ from simclr_keras import dataset_sources
 from simclr_keras.cli import fail, reject_positional_arguments
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("dataset", None, list(dataset_sources.TFDS_DATASETS), "The TFDS dataset to write out.")
-flags.DEFINE_string("output_dir", None, "The image folder to create; must not exist yet (or be empty).")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own, honouring TFDS_DATA_DIR).")
-flags.DEFINE_list("splits", None, "Splits to write (default: all of the dataset's), e.g. train,test.")
-flags.mark_flags_as_required(["dataset", "output_dir"])
 INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def define_flags(flag_values=FLAGS):
+    """Defined when the module runs, not on import: simclr_keras.train defines a --dataset and a
+    --data_dir too, and both modules import into one process (the tests)."""
+    flags.DEFINE_enum(
+        "dataset", None, list(dataset_sources.TFDS_DATASETS), "The TFDS dataset to write out.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "output_dir", None, "The image folder to create; must not exist yet (or be empty).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "TFDS data directory (default: TFDS's own, honouring TFDS_DATA_DIR).", flag_values=flag_values
+    )
+    flags.DEFINE_list(
+        "splits", None, "Splits to write (default: all of the dataset's), e.g. train,test.", flag_values=flag_values
+    )
+    flags.mark_flags_as_required(["dataset", "output_dir"], flag_values=flag_values)
 
 
 def _extension(encoded):
@@ -82,13 +95,13 @@ def prepare_image_folder(dataset, output_dir, data_dir=None, splits=None):
     return counts
 
 
-def main(argv):
+def main(argv, flag_values=FLAGS):
     reject_positional_arguments(argv)
-    output_dir = FLAGS.output_dir
+    output_dir = flag_values.output_dir
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         fail(f"--output_dir={output_dir} already exists and is not an empty folder; pass a new folder.")
     try:
-        counts = prepare_image_folder(FLAGS.dataset, output_dir, FLAGS.data_dir, FLAGS.splits)
+        counts = prepare_image_folder(flag_values.dataset, output_dir, flag_values.data_dir, flag_values.splits)
     except dataset_sources.DatasetNotFoundError as error:
         fail(str(error))
     except OSError as error:
@@ -99,4 +112,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -34,6 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from simclr_keras import model_config
+
 __all__ = [
     "SimCLRAugmentation",
     "stateless_uniform",
@@ -141,6 +143,8 @@ def _bernoulli(seed, batch_size, probability):
 
 
 CROP_SAMPLERS = ("tensorflow", "torchvision")
+# Whether each image draws its blur sigma, or one call (a view of a batch) draws one for all.
+BLUR_SIGMA_SCOPES = model_config.BLUR_SIGMA_SCOPES
 # The official evaluation centre crop keeps this fraction of the image side above 32 px.
 OFFICIAL_CROP_PROPORTION = 0.875
 # Keys of a padded batch of images of different sizes (see SimCLRAugmentation).
@@ -744,7 +748,11 @@ class SimCLRAugmentation(keras.layers.Layer):
             (1.0 keeps the whole image when its aspect ratio matches the output's). None (the
             default): the official rule, 0.875 when the output is above 32 px, else 1.0.
         seed: int seed of the layer's seed generator, or None for a random one.
-        blur_padding: "reflect" (default) or "zeros"; see `gaussian_blur_weights`.
+        blur_padding: "reflect" (default) or "zeros" (the official code's "SAME" padding); see
+            `gaussian_blur_weights`.
+        blur_sigma_per: "image" (default): each image draws its own blur sigma; "batch": one sigma
+            for every image of a call, i.e. of one view of a (per-replica) batch, as the official
+            code's `batch_random_blur` (whether each image is blurred is still drawn per image).
         jit_compile: whether the training view runs as one XLA computation: "auto" (default)
             compiles it when the layer is called inside a `tf.function` (a Keras train step, a
             `tf.data` map) and runs eager calls op by op, without a compilation wait; True or
@@ -771,6 +779,7 @@ class SimCLRAugmentation(keras.layers.Layer):
         blur_padding="reflect",
         crop_sampler="tensorflow",
         jit_compile="auto",
+        blur_sigma_per="image",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -811,9 +820,14 @@ class SimCLRAugmentation(keras.layers.Layer):
         if not 0.0 < eval_crop_fraction <= 1.0:
             raise ValueError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction}.")
         self.eval_crop_fraction = float(eval_crop_fraction)
-        if blur_padding not in ("reflect", "zeros"):
-            raise ValueError(f"blur_padding must be 'reflect' or 'zeros', got {blur_padding!r}.")
+        if blur_padding not in model_config.BLUR_PADDINGS:
+            raise ValueError(f"blur_padding must be 'reflect' or 'zeros', got blur_padding={blur_padding!r}.")
         self.blur_padding = blur_padding
+        if blur_sigma_per not in BLUR_SIGMA_SCOPES:
+            raise ValueError(
+                f"blur_sigma_per must be one of {BLUR_SIGMA_SCOPES}, got blur_sigma_per={blur_sigma_per!r}."
+            )
+        self.blur_sigma_per = blur_sigma_per
         if crop_sampler not in CROP_SAMPLERS:
             raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got crop_sampler={crop_sampler!r}.")
         self.crop_sampler = crop_sampler
@@ -907,7 +921,9 @@ class SimCLRAugmentation(keras.layers.Layer):
 
         # 5. Gaussian blur; images left unblurred get identity matrices.
         if self.use_blur and self.blur_probability > 0.0:
-            sigmas = stateless_uniform(blur_seed, [batch_size], *self.blur_sigma_range)
+            sigma_count = batch_size if self.blur_sigma_per == "image" else 1
+            sigmas = stateless_uniform(blur_seed, [sigma_count], *self.blur_sigma_range)
+            sigmas = tf.broadcast_to(sigmas, [batch_size])
             blur = _bernoulli(blur_apply_seed, batch_size, self.blur_probability)[:, None, None]
             row_weights = gaussian_blur_weights(
                 sigmas, self.output_height, self.blur_radius, self.blur_padding
@@ -1017,6 +1033,7 @@ class SimCLRAugmentation(keras.layers.Layer):
                 "blur_padding": self.blur_padding,
                 "crop_sampler": self.crop_sampler,
                 "jit_compile": self.jit_compile,
+                "blur_sigma_per": self.blur_sigma_per,
             }
         )
         return config

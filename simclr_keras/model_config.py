@@ -16,6 +16,10 @@ BACKBONE_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
 LOSSES = ("nt_xent", "hard_negative")
 HEAD_BATCH_NORMS = ("all", "hidden", "none")
 CROP_SAMPLERS = ("tensorflow", "torchvision")
+# Gaussian blur: "reflect" mirrors the border; "zeros" is the official code's "SAME" convolution.
+BLUR_PADDINGS = ("reflect", "zeros")
+# "image": a blur sigma per image; "batch": one per view of a (per-replica) batch, as the official code.
+BLUR_SIGMA_SCOPES = ("image", "batch")
 
 
 def _integer(value):
@@ -40,6 +44,7 @@ VALUE_RULES = {
     "color_jitter_probability": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
     "grayscale_probability": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
     "flip_probability": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
+    "min_crop_area": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1] (a fraction of the image's area)"),
     "num_classes": (lambda v: v is None or (_integer(v) and v >= 2), "None or an integer >= 2"),
     "hard_negative_beta": (lambda v: _number(v) and v >= 0, ">= 0"),
     "debias_tau_plus": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
@@ -113,7 +118,10 @@ class ModelConfig:
     grayscale_probability: float = 0.2
     flip_probability: float = 0.5
     crop_sampler: str = "tensorflow"
+    min_crop_area: float = 0.08
     use_blur: bool = False
+    blur_padding: str = "reflect"
+    blur_sigma_per: str = "image"
     global_bn: bool = False
     seed: int = None
     num_classes: int = None
@@ -133,7 +141,8 @@ class ModelConfig:
         """Every problem of these settings, one line each naming the field and the value received."""
         problems = []
         for name, choices in (("method", METHODS), ("backbone", tuple(BACKBONE_DEPTHS)), ("loss", LOSSES),
-                              ("crop_sampler", CROP_SAMPLERS)):  # fmt: skip
+                              ("crop_sampler", CROP_SAMPLERS), ("blur_padding", BLUR_PADDINGS),
+                              ("blur_sigma_per", BLUR_SIGMA_SCOPES)):  # fmt: skip
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
         if self.proj_batch_norm is not None and self.proj_batch_norm not in HEAD_BATCH_NORMS:
@@ -222,7 +231,8 @@ def build_components(config):
         config.image_size, color_jitter_strength=config.color_jitter_strength,
         color_jitter_probability=config.color_jitter_probability, grayscale_probability=config.grayscale_probability,
         flip_probability=config.flip_probability, use_blur=config.use_blur, seed=config.seed,
-        crop_sampler=config.crop_sampler, name="augmenter",
+        crop_sampler=config.crop_sampler, crop_area_range=(config.min_crop_area, 1.0),
+        blur_padding=config.blur_padding, blur_sigma_per=config.blur_sigma_per, name="augmenter",
     )  # fmt: skip
     return encoder, head, augmenter
 

@@ -366,13 +366,14 @@ def scale_learning_rate(learning_rate, batch_size, scaling):
 BATCH_NORM_AND_BIAS_PATH_PATTERN = r"(^|/)(gamma|beta|bias)$"
 
 
-def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude_layers=()):
+def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude_layers=(), nesterov=True):
     """Create the optimiser called `name` with SimCLR's exclusions.
 
     * "lars": `LARS` with coupled weight decay; batch-norm parameters and
       biases are neither decayed nor adapted (official pre-training setup).
     * "sgd": `SGDWithL2`, Keras SGD with Nesterov momentum (the official
-      "momentum" optimiser) and coupled L2 weight decay.
+      "momentum" optimiser; `nesterov=False`: plain momentum, as
+      torch.optim.SGD in MoCo) and coupled L2 weight decay.
     * "adam": `AdamWithL2`, Adam with coupled L2 weight decay and PyTorch's
       epsilon 1e-8 (`torch.optim.Adam`, the debiased and HCL reference code).
     * "adamw": Keras AdamW, decoupled weight decay (Loshchilov & Hutter).
@@ -403,7 +404,7 @@ def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude
         optimizer = SGDWithL2(
             learning_rate,
             momentum=float(momentum),
-            nesterov=True,
+            nesterov=bool(nesterov),
             weight_decay=float(weight_decay) or None,
         )
     elif name == "adam":

@@ -90,7 +90,18 @@ class TrainConfig:
         "Random crops: 'tensorflow' (tf.image.sample_distorted_bounding_box, the official code's) or 'torchvision' "
         "(RandomResizedCrop: area uniform, log-uniform aspect ratio, as lightly and solo-learn).",
     )  # fmt: skip
+    min_crop_area: float = float_field(
+        0.08, "Smallest random crop, as a fraction of the image's area (0.08: SimCLR, 0.2: MoCo v2); the largest is 1."
+    )
     use_blur: bool = bool_field(False, "Gaussian blur (on for ImageNet and STL-10, off for CIFAR).")
+    blur_padding: str = enum_field(
+        "reflect", model_config.BLUR_PADDINGS,
+        "Blur border: reflect (mirrored pixels) or zeros (the official code's 'SAME' convolution, darker borders).",
+    )  # fmt: skip
+    blur_sigma_per: str = enum_field(
+        "image", model_config.BLUR_SIGMA_SCOPES,
+        "Blur sigma drawn per image, or per batch: one for each view of a (per-replica) batch, as the official code.",
+    )  # fmt: skip
     # Optimisation
     batch_size: int = integer_field(512, "Global batch size N (2N views per step).")
     micro_batch_size: int = integer_field(
@@ -111,6 +122,10 @@ class TrainConfig:
     )
     weight_decay: float = float_field(1e-4, "Weight decay (BatchNorm and bias variables excluded).")
     momentum: float = float_field(0.9, "Momentum of LARS and SGD.")
+    nesterov: bool = bool_field(
+        None, "optimizer=sgd: Nesterov momentum (the default: the official code's 'momentum' optimizer); --nonesterov: "
+        "plain momentum, as torch.optim.SGD in MoCo. LARS keeps the official classic momentum.",
+    )  # fmt: skip
     precision: str = enum_field(
         "float32", PRECISIONS,
         "Keras dtype policy; auto: mixed_bfloat16 on TPU and bfloat16 CPUs, mixed_float16 on GPU, else float32.",
@@ -191,6 +206,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum must be in [0, 1), got {self.momentum}.")
+        if self.nesterov is not None and self.optimizer != "sgd":
+            problems.append(f"nesterov={self.nesterov} applies to optimizer=sgd, got optimizer={self.optimizer}.")
         if self.train_steps <= 0 and self.train_epochs <= 0:
             problems.append(
                 f"train_steps={self.train_steps} and train_epochs={self.train_epochs}: set either to a positive number."

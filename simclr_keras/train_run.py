@@ -250,7 +250,8 @@ def _build_model(config, run):
         model = build_model(settings)
         # As the official code treats its supervised head: the probe is plain momentum SGD.
         optimizer = optimizers.build_optimizer(
-            config.optimizer, run.schedule.schedule, config.weight_decay, config.momentum, exclude_layers=["linear_probe"]
+            config.optimizer, run.schedule.schedule, config.weight_decay, config.momentum, exclude_layers=["linear_probe"],
+            nesterov=config.nesterov is not False,
         )
         model.compile(optimizer=optimizer)
         save_dir = None if run.chief else os.path.join(run.output_dir, runs.CHECKPOINTS)

@@ -418,6 +418,38 @@ def test_layer_blur_small_sigma_and_constant_image():
     assert max_difference(views, np.full([2, 40, 40, 3], 77 / 255)) < 1e-6
 
 
+@pytest.mark.parametrize("padding,numpy_mode", [("reflect", "reflect"), ("zeros", "constant")])
+def test_layer_blur_pads_as_asked(padding, numpy_mode):
+    # One sigma, so the per-image draw does not matter; 60 px: kernel side 6 -> radius 3.
+    settings = dict(NOTHING, use_blur=True, blur_probability=1.0, blur_sigma_range=(1.7, 1.7), blur_padding=padding)
+    images = random_uint8((2, 60, 60, 3), seed=9)
+    views = SimCLRAugmentation(60, **settings)(images, seed=tf.constant([1, 2]))
+    for index in range(2):
+        expected = numpy_blur(images[index].numpy() / 255.0, 1.7, 3, numpy_mode)
+        assert max_difference(views[index], np.clip(expected, 0.0, 1.0)) < 1e-5
+
+
+@pytest.mark.parametrize("sigma_per,equal_views", [("batch", True), ("image", False)])
+def test_blur_sigma_per_batch_gives_every_image_of_a_call_the_same_sigma(sigma_per, equal_views):
+    # The official batch_random_blur draws one sigma per view batch: identical images, blurred
+    # and otherwise untouched, then come out identical; with a sigma per image they do not.
+    settings = dict(NOTHING, use_blur=True, blur_probability=1.0, blur_sigma_per=sigma_per)
+    images = tf.repeat(random_uint8((1, 40, 40, 3), seed=10), 6, axis=0)
+    layer = SimCLRAugmentation(40, **settings)
+    for seed in ([3, 4], [5, 6]):
+        views = layer(images, seed=tf.constant(seed)).numpy()
+        spread = max(max_difference(view, views[0]) for view in views[1:])
+        assert (spread < 1e-6) == equal_views, spread
+    # Two calls (two views) draw their own sigma.
+    first, second = (layer(images, seed=tf.constant(seed))[0] for seed in ([3, 4], [5, 6]))
+    assert max_difference(first, second) > 1e-3
+
+
+def test_blur_sigma_per_must_be_image_or_batch():
+    with pytest.raises(ValueError, match=r"blur_sigma_per must be one of \('image', 'batch'\), got blur_sigma_per='view'"):
+        SimCLRAugmentation(32, blur_sigma_per="view")
+
+
 # --------------------------------------------------------------------------------------
 # Graph execution: XLA, tf.data, Keras training
 # --------------------------------------------------------------------------------------
@@ -540,6 +572,7 @@ def test_config_round_trip():
         blur_padding="zeros",
         crop_sampler="torchvision",
         jit_compile=False,
+        blur_sigma_per="batch",
         name="views",
     )
     assert_config_round_trip(SimCLRAugmentation(**arguments), **arguments)

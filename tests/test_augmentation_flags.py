@@ -45,6 +45,10 @@ def test_the_defaults_are_the_papers_and_an_old_flags_txt_keeps_them(tmp_path):
         0.5, 0.8, 0.2,
     )  # fmt: skip
     assert augmenter.color_jitter_strength == 0.5 and augmenter.seed == 3
+    # Crops of 8-100% of the area, a blur sigma per image with mirrored borders, as before these flags.
+    assert augmenter.crop_area_range == (0.08, 1.0)
+    assert (augmenter.blur_padding, augmenter.blur_sigma_per) == ("reflect", "image")
+    assert config.nesterov is None
 
 
 def test_the_flags_reach_the_augmenter(tmp_path):
@@ -94,3 +98,36 @@ def test_probabilities_outside_zero_one_are_refused(name):
     assert TrainConfig(model_dir="/run", **{name: 1.5}).validate() == [f"{name} must be in [0, 1], got 1.5."]
     with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\], got -0.5\."):
         build_components(TrainConfig(model_dir="/run").model_config().replace(**{name: -0.5}))
+
+
+def test_the_crop_and_blur_flags_reach_the_augmenter(tmp_path):
+    (tmp_path / "flags.txt").write_text(
+        "--model_dir=/run\n--min_crop_area=0.2\n--use_blur\n--blur_padding=zeros\n--blur_sigma_per=batch\n"
+    )
+    augmenter = augmenter_of(config_flags.read_flagfile(TrainConfig, str(tmp_path / "flags.txt")))
+    assert augmenter.crop_area_range == (0.2, 1.0)
+    assert (augmenter.use_blur, augmenter.blur_padding, augmenter.blur_sigma_per) == (True, "zeros", "batch")
+
+
+def test_min_crop_area_one_crops_the_whole_image():
+    settings = dict(model_dir="/run", image_size=8, flip_probability=0.0, grayscale_probability=0.0,
+                    color_jitter_probability=0.0)  # fmt: skip
+    images = random_images(16, 8)
+    whole = augmenter_of(TrainConfig(**settings, min_crop_area=1.0))(images, training=True, seed=SEED).numpy()
+    np.testing.assert_allclose(whole, images / 255.0, rtol=0, atol=1e-5)
+    cropped = augmenter_of(TrainConfig(**settings))(images, training=True, seed=SEED).numpy()
+    assert np.abs(cropped - images / 255.0).max() > 0.1  # 8% crops are not the image
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"min_crop_area": 0.0}, "min_crop_area must be in (0, 1] (a fraction of the image's area), got 0.0."),
+        ({"min_crop_area": 1.5}, "min_crop_area must be in (0, 1] (a fraction of the image's area), got 1.5."),
+        ({"nesterov": False}, "nesterov=False applies to optimizer=sgd, got optimizer=lars."),
+        ({"blur_padding": "same"}, "blur_padding must be one of ['reflect', 'zeros'], got 'same'."),
+        ({"blur_sigma_per": "view"}, "blur_sigma_per must be one of ['image', 'batch'], got 'view'."),
+    ],
+)
+def test_crop_blur_and_momentum_settings_are_checked_in_one_line(setting, message):
+    assert TrainConfig(model_dir="/run", **setting).validate() == [message]

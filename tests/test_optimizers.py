@@ -369,6 +369,28 @@ def test_build_optimizer_sgd_couples_weight_decay_and_excludes_bias_and_batch_no
     np.testing.assert_allclose(gamma, 1.0)
 
 
+def torch_sgd_steps(weight, gradients, learning_rate, momentum, weight_decay, nesterov):
+    """`torch.optim.SGD(momentum=..., weight_decay=..., nesterov=...)` by hand in float64."""
+    weight, buffer = weight.astype(np.float64), None
+    for gradient in gradients:
+        gradient = gradient + weight_decay * weight
+        buffer = gradient if buffer is None else momentum * buffer + gradient
+        weight = weight - learning_rate * (gradient + momentum * buffer if nesterov else buffer)
+    return weight
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+def test_build_optimizer_sgd_momentum_is_plain_or_nesterov_as_asked(nesterov):
+    # MoCo trains with torch's plain momentum; the official SimCLR code with Nesterov's.
+    optimizer = build_optimizer("sgd", 0.1, weight_decay=0.3, momentum=0.9, nesterov=nesterov)
+    (kernel, bias, gamma), (kernel_value, _, _) = _variables(seed=7)
+    gradients = [_gradients(seed=step) for step in (8, 9, 10)]
+    for step_gradients in gradients:
+        optimizer.apply(step_gradients, [kernel, bias, gamma])
+    expected = torch_sgd_steps(kernel_value, [step[0] for step in gradients], 0.1, 0.9, 0.3, nesterov)
+    np.testing.assert_allclose(kernel.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_build_optimizer_adamw_decoupled_weight_decay_excludes_bias_and_batch_norm():
     optimizer = build_optimizer("adamw", 0.1, weight_decay=0.5)
     assert isinstance(optimizer, keras.optimizers.AdamW)

@@ -75,3 +75,46 @@ def test_moco_config_is_the_demos_recipe_with_moco_v2s_head():
     # MoCo v2 (main_moco.py --mlp): Linear(512, 512) with bias, ReLU, Linear(512, 128) with bias.
     assert (values["proj_batch_norm"], values["proj_layers"], values["proj_dim"]) == ("none", 2, 128)
     assert values["proj_hidden_dim"] in (0, 512)
+
+
+def test_moco_v2_imagenet_config_is_main_moco_with_aug_plus():
+    from simclr_keras.model_config import build_components
+    from simclr_keras.optimizers import scale_learning_rate
+    from simclr_keras.train_config import TrainConfig
+
+    values = parsed_flags("moco_v2_imagenet.flags")
+    assert (values["method"], values["backbone"], values["image_size"], values["batch_size"]) == (
+        "moco_v2", "resnet50", 224, 256,
+    )
+    # --lr 0.03 for --batch-size 256, --wd 1e-4, torch.optim.SGD(momentum=0.9): no Nesterov, --cos, 200 epochs.
+    assert scale_learning_rate(values["learning_rate"], values["batch_size"], values["lr_scaling"]) == 0.03
+    assert (values["optimizer"], values["nesterov"], values["momentum"], values["weight_decay"]) == (
+        "sgd", False, 0.9, 1e-4,
+    )
+    assert (values["lr_schedule"], values["warmup_epochs"], values["train_epochs"]) == ("cosine", 0, 200)
+    # --moco-t 0.2, --moco-k 65536, --moco-m 0.999, the asymmetric loss, shuffle BN over 8 GPUs.
+    assert (values["temperature"], values["moco_queue_size"], values["moco_momentum"]) == (0.2, 65536, 0.999)
+    assert not values["moco_symmetric"] and values["moco_bn_splits"] == 8
+    # --mlp: Linear(2048, 2048), ReLU, Linear(2048, 128), no BatchNorm.
+    assert (values["proj_layers"], values["proj_hidden_dim"], values["proj_dim"], values["proj_batch_norm"]) == (
+        2, 0, 128, "none",
+    )
+    # --aug-plus: RandomResizedCrop(224, scale=(0.2, 1.)), ColorJitter(0.4, 0.4, 0.4, 0.1), blur sigma [0.1, 2].
+    config = TrainConfig(**{name: values[name] for name in TrainConfig.__dataclass_fields__})
+    assert config.validate() == []
+    _, _, augmenter = build_components(config.model_config())
+    assert augmenter.crop_area_range == (0.2, 1.0) and augmenter.crop_sampler == "torchvision"
+    assert augmenter.color_jitter_strength == 0.5 and augmenter.use_blur and augmenter.blur_sigma_per == "image"
+
+
+def test_the_official_readme_imagenet_config_blurs_as_the_official_code():
+    from simclr_keras.model_config import build_components
+    from simclr_keras.train_config import TrainConfig
+
+    values = parsed_flags("imagenet_official_readme.flags")
+    config = TrainConfig(**{name: values[name] for name in TrainConfig.__dataclass_fields__})
+    _, _, augmenter = build_components(config.model_config().replace(backbone="resnet18", width_multiplier=0.125))
+    # data_util.gaussian_blur(padding="SAME"), one sigma per view batch (batch_random_blur).
+    assert (augmenter.blur_padding, augmenter.blur_sigma_per, augmenter.use_blur) == ("zeros", "batch", True)
+    assert augmenter.crop_area_range == (0.08, 1.0)
+

@@ -40,6 +40,7 @@ class Encoder:
       class_names: the run's class names (classes.json), or None.
       checkpoint: the checkpoint restored, None for random_init or an export.
       random_init: True for the freshly initialised architecture of a run.
+      augmenter: the run's or export's augmenter (its training mode makes the pretraining views), or None.
     """
 
     features: Callable[[Any], Any]
@@ -55,6 +56,7 @@ class Encoder:
     checkpoint: str | None = None
     random_init: bool = False
     rebuild_error: str | None = None
+    augmenter: Any = None
 
     def view_features(self):
         """Feature function of views already at the encoder's size (float32 [B, S, S, 3] in [0, 1]).
@@ -66,6 +68,36 @@ class Encoder:
         if self.backbone is None:
             return evaluation.feature_function_of_uint8_views(self.features)
         return evaluation.feature_function_of_views(self.backbone, self.projection_head, self.head_layer)
+
+    def at_view_size(self, image_size):
+        """This encoder with evaluation views of side `image_size` instead of the training size.
+
+        The evaluation preprocessing keeps its crop fraction and resizes to `image_size`; the backbone
+        (global pooling takes any size) gives the features in inference mode. The HCL/DCL references'
+        STL-10 setting pretrains on 32 px crops and evaluates the whole 96 px images. Raises
+        ValueError (one line) for an encoder without backbone or augmenter to resize.
+        """
+        if image_size == self.image_size:
+            return self
+        if self.backbone is None or self.augmenter is None:
+            raise ValueError(
+                f"image_size={image_size}: {self.source} makes its views at its own size in its signature and cannot "
+                f"be rebuilt ({self.rebuild_error}); leave image_size unset."
+            )
+        try:
+            resized = type(self.augmenter).from_config({**self.augmenter.get_config(), "image_size": image_size})
+        except Exception as error:  # an augmenter of another class, without image_size
+            raise ValueError(
+                f"image_size={image_size}: the augmenter {type(self.augmenter).__name__} of {self.source} cannot be "
+                f"rebuilt at another size ({first_line(error)}); leave image_size unset."
+            ) from None
+        view_features = self.view_features()
+
+        def preprocess(images):
+            return resized(images, training=False)  # (B, image_size, image_size, 3)
+
+        features = evaluation.feature_function_of_preprocessed(preprocess, view_features)
+        return dataclasses.replace(self, features=features, image_size=image_size, preprocess=preprocess)
 
     @classmethod
     def from_model(cls, model, head_layer=0, source="", **attributes):
@@ -83,6 +115,7 @@ class Encoder:
             preprocess=lambda images: model.augmenter(images, training=False),
             projection_head=model.projection_head,
             crop_sampler=getattr(model.augmenter, "crop_sampler", "tensorflow"),
+            augmenter=model.augmenter,
             **attributes,
         )
 
@@ -144,6 +177,7 @@ class Encoder:
             preprocess=lambda images: parts.augmenter(images, training=False),
             projection_head=parts.projection_head,
             crop_sampler=getattr(parts.augmenter, "crop_sampler", "tensorflow"),
+            augmenter=parts.augmenter,
         )
 
 

@@ -13,13 +13,16 @@ command line validates its flags before TensorFlow loads.
 import dataclasses
 
 from simclr_keras import config_flags
-from simclr_keras.config_flags import bool_field, float_field, integer_field, string_field
+from simclr_keras.config_flags import bool_field, enum_field, float_field, integer_field, string_field
 
 PROTOCOLS = ("knn", "linear", "finetune")
-# The keys of simclr_keras.evaluation.LINEAR_PROTOCOLS (written out: this module must not import TensorFlow).
-LINEAR_PROTOCOLS = ("features", "official")
+# The keys of simclr_keras.evaluation.LINEAR_PROTOCOLS (written out: this module must not import TensorFlow),
+# and hcl_dcl, the HCL and debiased references' linear.py (evaluation.reference_linear_evaluation).
+LINEAR_PROTOCOLS = ("features", "official", "hcl_dcl")
 # What each linear protocol sets: (linear_augment for --protocol=linear, standardize_features).
-_LINEAR_PROTOCOL_SETTINGS = {"features": (False, True), "official": (True, False)}
+_LINEAR_PROTOCOL_SETTINGS = {"features": (False, True), "official": (True, False), "hcl_dcl": (False, False)}
+# The linear.py of the HCL and debiased references: epochs, batch size, Adam's (unscaled) rate, L2.
+HCL_DCL_DEFAULTS = (100, 512, 1e-3, 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +55,9 @@ class EvalConfig:
         1.0, "Class-balanced fraction of the training labels used, in (0, 1] (e.g. 0.01, 0.1)."
     )
     image_size: int | None = integer_field(
-        None, "Side images are loaded at; default: the run's (--model_dir) or the export's size."
-    )
+        None, "Side of the evaluation views (the centre crop resized to it); default: the training size. E.g. 96 "
+        "for an STL-10 encoder pretrained on 32 px crops, as the HCL/DCL references evaluate it."
+    )  # fmt: skip
     seed: int = integer_field(0, "Seed of the label subset, shuffling, augmentation and --random_init weights.")
     # Protocols
     knn_k: int = integer_field(200, "kNN: number of neighbours.")
@@ -61,15 +65,27 @@ class EvalConfig:
     epochs: int = integer_field(0, "linear, finetune: epochs; 0: 100 (linear), 60 (finetune, fraction < 0.1) or 30.")
     batch_size: int = integer_field(0, "linear, finetune: batch size B; 0: 512 (linear) or 256 (finetune).")
     learning_rate: float = float_field(
-        0.0, "linear, finetune: base rate, used as rate x B/256; 0: 0.1 (linear) or 0.05 (finetune)."
+        0.0, "linear, finetune: base rate, scaled by --lr_scaling (hcl_dcl: Adam's rate, unscaled); 0: 0.1 (linear), "
+        "1e-3 (hcl_dcl) or 0.05 (finetune)."
     )
-    momentum: float = float_field(0.9, "linear, finetune: Nesterov momentum.")
-    weight_decay: float = float_field(0.0, "linear, finetune: L2 weight decay (BatchNorm and biases excluded).")
+    lr_scaling: str = enum_field(
+        "linear", ("linear", "sqrt"), "linear, finetune: rate x B/256 (linear) or x sqrt(B) (sqrt: SimCLR v2's fine-tuning)."
+    )
+    optimizer: str = enum_field(
+        "sgd", ("sgd", "lars"), "linear, finetune: sgd (Nesterov momentum) or lars (SimCLR v2's fine-tuning: "
+        "classic momentum, trust ratio 1 for BatchNorm, biases and the classifier)."
+    )  # fmt: skip
+    momentum: float = float_field(0.9, "linear, finetune: momentum of --optimizer.")
+    weight_decay: float = float_field(
+        None, "linear, finetune: L2 weight decay (BatchNorm and biases excluded, except by hcl_dcl); default: 0, "
+        "1e-6 for --linear_protocol=hcl_dcl."
+    )  # fmt: skip
     linear_protocol: str = string_field(
         "features",
-        "linear: 'official' (google-research/simclr: raw features of crop-and-flip views, new every epoch) or "
-        "'features' (unaugmented features extracted once, standardised; fast). Sets the defaults of the next two "
-        "flags.",
+        "linear: 'official' (google-research/simclr: raw features of crop-and-flip views, new every epoch), "
+        "'features' (unaugmented features extracted once, standardised; fast) or 'hcl_dcl' (the HCL and debiased "
+        "references' linear.py: the encoder's BatchNorm in training mode on pretraining views, Adam 1e-3 with L2 "
+        "1e-6, batch 512, 100 epochs). Sets the defaults of the next two flags.",
     )
     # None: as linear_protocol says (the command line leaves them None unless given).
     linear_augment: bool | None = bool_field(
@@ -108,7 +124,19 @@ class EvalConfig:
             )
         if self.linear_augment and self.protocol != "linear":
             problems.append(f"linear_augment applies to protocol=linear, got protocol={self.protocol}.")
-        return problems
+        return problems + self._hcl_dcl_problems()
+
+    def _hcl_dcl_problems(self):
+        if self.linear_protocol != "hcl_dcl" or self.protocol != "linear":
+            return []
+        given = [f"{name}={getattr(self, name)}" for name in ("linear_augment", "standardize_features")
+                 if getattr(self, name)] + ([f"optimizer={self.optimizer}"] if self.optimizer != "sgd" else [])  # fmt: skip
+        if not given:
+            return []
+        return [
+            f"linear_protocol=hcl_dcl trains on the pretraining augmentation's views with Adam and raw features; "
+            f"{' and '.join(given)} apply to linear_protocol=features or official."
+        ]
 
     def _source_problems(self):
         if bool(self.encoder) == bool(self.model_dir):
@@ -129,7 +157,7 @@ class EvalConfig:
         if not self.knn_temperature > 0:
             problems.append(f"knn_temperature must be > 0, got {self.knn_temperature}.")
         for name in ("epochs", "batch_size", "learning_rate", "weight_decay", "max_train_examples", "seed"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not 0.0 <= self.momentum < 1.0:
             problems.append(f"momentum must be in [0, 1), got {self.momentum}.")
@@ -151,11 +179,19 @@ class EvalConfig:
             augment = self.linear_augment
         if self.standardize_features is not None:
             standardize = self.standardize_features
-        return self.replace(linear_augment=augment, standardize_features=standardize)
+        weight_decay = self.weight_decay
+        if weight_decay is None:
+            weight_decay = HCL_DCL_DEFAULTS[3] if self._is_hcl_dcl() else 0.0
+        return self.replace(linear_augment=augment, standardize_features=standardize, weight_decay=weight_decay)
+
+    def _is_hcl_dcl(self):
+        return self.protocol == "linear" and self.linear_protocol == "hcl_dcl"
 
     def protocol_defaults(self):
         """(epochs, batch size, base learning rate), each 0 replaced by the protocol's default."""
-        if self.protocol == "linear":
+        if self._is_hcl_dcl():
+            defaults = HCL_DCL_DEFAULTS[:3]
+        elif self.protocol == "linear":
             defaults = (100, 512, 0.1)  # the official CIFAR-10 linear evaluation
         else:
             # SimCLR Appendix B.5: 60 epochs on 1% of the labels, 30 on 10%; lr 0.05 x B/256.

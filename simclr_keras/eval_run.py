@@ -87,7 +87,7 @@ def evaluate_encoder(config: EvalConfig) -> EvalResult:
     started = time.time()
     keras.utils.set_random_seed(config.seed)
     encoder = _encoder_of(config)
-    image_size = _image_size(config, encoder)
+    image_size, encoder = _encoder_at_image_size(config, encoder)
     labelled = _labelled_images(config, image_size)
     outcome = PROTOCOL_STEPS[config.protocol](config, encoder, labelled, image_size)
     results = _results(config, encoder, image_size, labelled, outcome, started)
@@ -135,8 +135,10 @@ def _encoder_of(config):
         raise EvaluationError(_field_message(error, field, value)) from None
 
 
-def _image_size(config, encoder):
-    """The side images are loaded at: config.image_size, else the export's fixed input, else the training size."""
+def _encoder_at_image_size(config, encoder):
+    """(the side of the evaluation views, the encoder that makes them): config.image_size, else the export's
+    fixed input, else the training size. A size other than the training size resizes the evaluation
+    views (`Encoder.at_view_size`): e.g. 96 px for an encoder pretrained on 32 px crops of STL-10."""
     if config.image_size and encoder.input_size and config.image_size != encoder.input_size:
         raise EvaluationError(
             f"image_size={config.image_size} differs from the {encoder.input_size} px the exported encoder takes."
@@ -146,7 +148,12 @@ def _image_size(config, encoder):
         raise EvaluationError(
             f"encoder={config.encoder} accepts any image size; pass image_size (the pretraining size)."
         )
-    return image_size
+    if not encoder.input_size and image_size != encoder.image_size:
+        try:
+            encoder = encoder.at_view_size(image_size)
+        except ValueError as error:
+            raise EvaluationError(str(error)) from None
+    return image_size, encoder
 
 
 def _labelled_images(config, image_size):
@@ -169,7 +176,8 @@ def _labelled_images(config, image_size):
 
     # The labelled training examples: all of them, or a class-balanced fraction.
     train_labels = None
-    if config.label_fraction < 1.0 or config.protocol == "finetune" or config.linear_augment:
+    augmented = config.linear_augment or (config.protocol == "linear" and config.linear_protocol == "hcl_dcl")
+    if config.label_fraction < 1.0 or config.protocol == "finetune" or augmented:
         all_labels = evaluation.example_labels(train_examples)
         indices = evaluation.label_fraction_subset(all_labels, config.label_fraction, config.seed)
         if len(indices) == 0:
@@ -218,9 +226,11 @@ def _optimizer_settings(config, num_train):
         "batch_size": batch_size,
         "base_learning_rate": base_learning_rate,
         # The rate is scaled by the batch used.
-        "learning_rate": optimizers.scale_learning_rate(base_learning_rate, batch_size, "linear"),
+        "learning_rate": optimizers.scale_learning_rate(base_learning_rate, batch_size, config.lr_scaling),
+        "lr_scaling": config.lr_scaling,
+        "optimizer": config.optimizer,
         "momentum": config.momentum,
-        "nesterov": True,
+        "nesterov": config.optimizer == "sgd",
         "weight_decay": config.weight_decay,
     }
 
@@ -233,6 +243,8 @@ def _trained_outcome(name, result, settings, num_train, test_labels):
 
 
 def _linear(config, encoder, labelled, image_size):
+    if config.linear_protocol == "hcl_dcl":
+        return _linear_hcl_dcl(config, encoder, labelled)
     train_labels = labelled.train_labels
     if config.linear_augment:
         # Views of the training size, cropped as pretraining did (the official sampler otherwise), go
@@ -249,7 +261,7 @@ def _linear(config, encoder, labelled, image_size):
         train_features, train_labels, test_features, test_labels, labelled.num_classes,
         epochs=settings["epochs"], batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
         momentum=config.momentum, weight_decay=config.weight_decay, standardize=config.standardize_features,
-        seed=config.seed, verbose=2,
+        seed=config.seed, verbose=2, optimizer=config.optimizer,
     )  # fmt: skip
     protocol = evaluation.linear_protocol_name(config.linear_augment, config.standardize_features)
     settings.update(
@@ -259,6 +271,40 @@ def _linear(config, encoder, labelled, image_size):
         crop_sampler=encoder.crop_sampler if config.linear_augment else None,
     )
     return _trained_outcome(f"linear[{protocol}]", result, settings, len(train_labels), test_labels)
+
+
+def _linear_hcl_dcl(config, encoder, labelled):
+    """The HCL/DCL references' linear.py: training views of the pretraining augmentation, the encoder's
+    BatchNorm in training mode, Adam with L2; the test features then in inference mode, from the
+    rebuilt encoder whose moving statistics the training moved (not an export's signature)."""
+    if encoder.backbone is None or encoder.augmenter is None:
+        raise EvaluationError(
+            f"linear_protocol=hcl_dcl runs the encoder in training mode, and encoder={config.encoder} cannot be "
+            f"rebuilt by simclr_keras.export.load_encoder ({encoder.rebuild_error}); pass model_dir=RUN."
+        )
+    num_train = len(labelled.train_labels)
+    epochs, batch_size, learning_rate = config.protocol_defaults()
+    batch_size = min(batch_size, num_train)
+    augmenter = encoder.augmenter
+    features_of_epoch = evaluation.training_mode_feature_epochs(
+        encoder.backbone, labelled.train_examples, num_train,
+        lambda images, seed: augmenter(images, training=True, seed=seed), augmenter.output_height, batch_size,
+        config.seed, encoder.projection_head, config.head_layer,
+    )  # fmt: skip
+    test_feature_function = evaluation.feature_function_of_preprocessed(encoder.preprocess, encoder.view_features())
+    result = evaluation.reference_linear_evaluation(
+        features_of_epoch, lambda: evaluation.extract_features(test_feature_function, labelled.test_batches),
+        labelled.num_classes, epochs, batch_size, learning_rate,
+        config.weight_decay, config.seed, verbose=2,
+    )  # fmt: skip
+    settings = {
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "optimizer": "adam",
+        "weight_decay": config.weight_decay, "linear_protocol": "hcl_dcl", "train_view_size": augmenter.output_height,
+        "encoder_batch_norm": "training mode (batch statistics)",
+    }  # fmt: skip
+    name = f"linear[hcl_dcl] ({epochs} epochs, batch {batch_size}, Adam lr {learning_rate:g})"
+    settings.update(train_loss=result.train_loss, train_top1=result.train_top1)
+    return _Outcome(result, settings, name, num_train, None)
 
 
 def _finetune(config, encoder, labelled, image_size):
@@ -276,7 +322,7 @@ def _finetune(config, encoder, labelled, image_size):
         epochs=settings["epochs"], batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
         momentum=config.momentum, weight_decay=config.weight_decay, seed=config.seed,
         preprocess=encoder.preprocess, verbose=2, projection_head=encoder.projection_head,
-        head_layer=config.head_layer, crop_sampler=encoder.crop_sampler,
+        head_layer=config.head_layer, crop_sampler=encoder.crop_sampler, optimizer=config.optimizer,
     )  # fmt: skip
     settings.update(crop_sampler=encoder.crop_sampler)
     # Fine-tuning returns only the scores: its test labels are read again (in the same order) if needed.

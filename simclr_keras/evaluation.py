@@ -9,6 +9,10 @@ companion:
 - `linear_evaluation`: a linear classifier trained on frozen features (the paper's main protocol;
   the official google-research/simclr CIFAR-10 recipe: Nesterov momentum SGD, base rate 0.1 x B/256 at
   B = 512, cosine decay without warm-up, 100 epochs, no weight decay, zero-initialised classifier).
+- `reference_linear_evaluation`: the linear evaluation of the HCL and debiased (DCL) reference code
+  (their linear.py), whose numbers those papers publish: the frozen encoder in training mode (BatchNorm
+  on batch statistics) on one pretraining-augmented view per image and epoch, torch's Adam at 1e-3 with
+  L2 1e-6, batch 512, 100 epochs (`--linear_protocol=hcl_dcl`).
 - `finetune`: the whole encoder plus a linear head trained on a class-balanced fraction of the labels
   (`label_fraction_subset`), as in the paper's semi-supervised results (Appendix B.5: Nesterov momentum SGD,
   learning rate 0.05 x B/256, no warm-up, no regularisation, random crop and flip only).
@@ -281,17 +285,27 @@ def feature_function_of_views(encoder, projection_head=None, head_layer=0):
     return features
 
 
+def feature_function_of_preprocessed(preprocess, view_feature_function):
+    """Feature function of uint8 images: `preprocess` (images -> views), then `view_feature_function`, traced once."""
+
+    @tf.function(reduce_retracing=True)
+    def features(images):
+        return view_feature_function(preprocess(images))
+
+    return features
+
+
 def feature_function_of_uint8_views(feature_function):
     """Feature function of float views [B, S, S, 3] in [0, 1] from one of uint8 images (an export's
     signature, whose own preprocessing then applies); the rounding is < 0.5 / 255."""
     return lambda views: feature_function(tf.cast(tf.round(views * 255.0), tf.uint8))
 
 
-def _features_of_views(encoder, projection_head, head_layer, views):
-    representation = encoder(views, training=False)  # (B, D)
+def _features_of_views(encoder, projection_head, head_layer, views, training=False):
+    representation = encoder(views, training=training)  # (B, D)
     if not head_layer:
         return representation
-    return projection_head(representation, training=False, head_layer=head_layer)
+    return projection_head(representation, training=training, head_layer=head_layer)
 
 
 def feature_function_from_saved_model(path, output="embeddings"):
@@ -447,10 +461,19 @@ def augmented_feature_epochs(
 # --------------------------------------------------------------------------------------
 
 
-def _momentum_optimizer(learning_rate, total_steps, momentum, weight_decay):
-    """Nesterov momentum SGD with coupled L2 (BatchNorm and biases excluded), cosine decay, no warm-up."""
+# The classifier layers of linear evaluation and fine-tuning: LARS keeps them out of its trust ratio,
+# as the official code its `head_supervised`.
+_CLASSIFIER_LAYERS = ("linear_classifier", "classifier")
+
+
+def _momentum_optimizer(learning_rate, total_steps, momentum, weight_decay, optimizer="sgd"):
+    """Nesterov momentum SGD ("sgd") or LARS ("lars", SimCLR v2's fine-tuning) with coupled L2 (BatchNorm
+    and biases excluded), cosine decay, no warm-up."""
     schedule = optimizers.WarmupCosineDecay(learning_rate, total_steps, warmup_steps=0)
-    return optimizers.build_optimizer("sgd", schedule, weight_decay=weight_decay, momentum=momentum)
+    exclude_layers = _CLASSIFIER_LAYERS if optimizer == "lars" else ()
+    return optimizers.build_optimizer(
+        optimizer, schedule, weight_decay=weight_decay, momentum=momentum, exclude_layers=exclude_layers
+    )
 
 
 def linear_evaluation(
@@ -467,6 +490,7 @@ def linear_evaluation(
     standardize=True,
     seed=0,
     verbose=0,
+    optimizer="sgd",
 ):
     """Trains a linear classifier on frozen features and measures it on the test features.
 
@@ -490,6 +514,7 @@ def linear_evaluation(
       num_classes: number of classes C >= 2.
       learning_rate: peak learning rate (already batch-scaled).
       seed: seed of the shuffling of each epoch.
+      optimizer: "sgd" (Nesterov momentum) or "lars" (the classifier keeps trust ratio 1: plain momentum).
 
     Returns:
       ClassificationResult with logits as scores.
@@ -508,7 +533,7 @@ def linear_evaluation(
         keras.Input(shape=(dimension,), dtype="float32"), lambda inputs: inputs, num_classes, "linear_evaluation"
     )
     steps_per_epoch = math.ceil(num_train / batch_size)  # the last batch of an epoch may be smaller
-    _compile(classifier, learning_rate, epochs * steps_per_epoch, momentum, weight_decay)
+    _compile(classifier, learning_rate, epochs * steps_per_epoch, momentum, weight_decay, optimizer)
 
     if features_of_epoch is None:
         dataset = tf.data.Dataset.from_tensor_slices((normalise(first_features), train_labels))
@@ -551,9 +576,9 @@ def _zero_initialised_classifier(inputs, features_of, num_classes, name, layer_n
     return keras.Model(inputs, logits, name=name)
 
 
-def _compile(classifier, learning_rate, total_steps, momentum, weight_decay):
+def _compile(classifier, learning_rate, total_steps, momentum, weight_decay, optimizer="sgd"):
     classifier.compile(
-        optimizer=_momentum_optimizer(learning_rate, total_steps, momentum, weight_decay),
+        optimizer=_momentum_optimizer(learning_rate, total_steps, momentum, weight_decay, optimizer),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
@@ -568,16 +593,126 @@ def _fit_on_new_features_each_epoch(
         features = first_features if epoch == 0 else features_of_epoch(epoch)
         # A different shuffle each epoch: the dataset is rebuilt, so fold the epoch into its seed.
         dataset = tf.data.Dataset.from_tensor_slices((normalise(features), train_labels))
-        dataset = dataset.shuffle(num_train, seed=seed * 100_003 + epoch).batch(batch_size)
-        # Keras would print "Epoch 1/1" every time; one line per epoch is printed here instead.
-        history = classifier.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
-        if verbose:
-            print(
-                f"Epoch {epoch + 1}/{epochs}: loss {history.history['loss'][-1]:.4f}, "
-                f"accuracy {history.history['accuracy'][-1]:.4f}",
-                flush=True,
-            )
+        dataset = dataset.shuffle(num_train, seed=_epoch_seed(seed, epoch)).batch(batch_size)
+        history = _fit_one_epoch(classifier, dataset, epoch, epochs, verbose)
     return history
+
+
+def _epoch_seed(seed, epoch):
+    return seed * 100_003 + epoch
+
+
+def _fit_one_epoch(classifier, dataset, epoch, epochs, verbose):
+    """classifier.fit for epoch `epoch` only; its History. Keras would print "Epoch 1/1" every time, so
+    one line per epoch is printed here instead."""
+    history = classifier.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
+    if verbose:
+        print(
+            f"Epoch {epoch + 1}/{epochs}: loss {history.history['loss'][-1]:.4f}, "
+            f"accuracy {history.history['accuracy'][-1]:.4f}",
+            flush=True,
+        )
+    return history
+
+
+# --------------------------------------------------------------------------------------
+# The HCL and debiased references' linear evaluation (their linear.py)
+# --------------------------------------------------------------------------------------
+
+
+def training_mode_feature_epochs(
+    encoder, examples, num_examples, augment, view_size, batch_size=512, seed=0, projection_head=None, head_layer=0,
+    cache_limit_bytes=DEFAULT_CACHE_LIMIT_BYTES,
+):  # fmt: skip
+    """The training features of the references' linear.py: epoch -> (features float32 [N, D], labels int64 [N]).
+
+    Each epoch shuffles `examples` (unbatched uint8 image, label) anew and cuts them into batches of
+    `batch_size`, the last one smaller (torch's DataLoader(shuffle=True) without drop_last). Each
+    image gets one view, `augment(images, seed)` (the pretraining augmentation: the references train
+    on their `train_transform`), and the encoder runs in TRAINING mode: BatchNorm normalises with the
+    batch's own statistics and moves its moving ones, as `net.train()` does to their frozen encoder,
+    which no gradient reaches. Rows come batch after batch in the shuffled order: `batch_size`
+    consecutive rows are the batch they were normalised in, which the classifier then trains on.
+    `view_size` is the side of the views (for the cache decision).
+    """
+    examples = _maybe_cache(examples, num_examples, view_size, cache_limit_bytes)
+
+    @tf.function(reduce_retracing=True)
+    def features_of(views):
+        return tf.stop_gradient(_features_of_views(encoder, projection_head, head_layer, views, training=True))
+
+    def features_of_epoch(epoch):
+        def augment_batch(batch_index, batch):
+            images, labels = batch
+            return augment(images, _batch_seed(seed, epoch, batch_index)), labels
+
+        shuffled = examples.shuffle(num_examples, seed=_epoch_seed(seed, epoch))
+        batches = shuffled.batch(batch_size).enumerate().map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        return extract_features(features_of, batches.prefetch(tf.data.AUTOTUNE))
+
+    return features_of_epoch
+
+
+def torch_linear_classifier(dimension, num_classes, learning_rate=1e-3, weight_decay=1e-6, seed=0):
+    """The references' classifier, compiled: features [B, D] -> logits [B, C].
+
+    `nn.Linear(D, C)` with its default initialisation (kernel and bias uniform in +-1/sqrt(D)) and
+    `torch.optim.Adam(lr, weight_decay)`: the L2 term weight_decay * w joins the gradient of every
+    parameter, the bias included (`AdamWithL2` without exclusions, epsilon 1e-8); a constant rate.
+    """
+    bound = 1.0 / math.sqrt(dimension)
+    dense = keras.layers.Dense(
+        num_classes, dtype="float32", name="linear_classifier",
+        kernel_initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed),
+        bias_initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed + 1),
+    )  # fmt: skip
+    inputs = keras.Input(shape=(dimension,), dtype="float32")
+    classifier = keras.Model(inputs, dense(inputs), name="reference_linear_classifier")
+    classifier.compile(
+        optimizer=optimizers.AdamWithL2(learning_rate, epsilon=1e-8, weight_decay=float(weight_decay) or None),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return classifier
+
+
+def fit_on_feature_epochs(classifier, features_of_epoch, epochs, batch_size, verbose=0):
+    """Trains `classifier` on features_of_epoch(epoch) -> (features, labels), in the order given and in
+    batches of `batch_size` (those of `training_mode_feature_epochs`); returns the last History."""
+    for epoch in range(epochs):
+        dataset = tf.data.Dataset.from_tensor_slices(features_of_epoch(epoch)).batch(batch_size)
+        history = _fit_one_epoch(classifier, dataset, epoch, epochs, verbose)
+    return history
+
+
+def reference_linear_evaluation(
+    features_of_epoch, test_features, num_classes, epochs=100, batch_size=512, learning_rate=1e-3,
+    weight_decay=1e-6, seed=0, verbose=0,
+):  # fmt: skip
+    """The HCL and debiased (DCL) references' linear evaluation, whose numbers their papers publish.
+
+    Their linear.py: a linear classifier on h of the frozen encoder in training mode, on one view of
+    the pretraining augmentation per image and epoch (`training_mode_feature_epochs`), trained by
+    `torch_linear_classifier`'s Adam at 1e-3 with L2 1e-6, batch 512, 100 epochs; then tested with
+    the encoder in inference mode, whose BatchNorm statistics the training epochs have moved.
+
+    Args:
+      features_of_epoch: epoch -> (features [N, D], labels [N]), `training_mode_feature_epochs`.
+      test_features: () -> (features [M, D], labels [M]), called after training.
+
+    Returns:
+      ClassificationResult with logits as scores.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
+    first = features_of_epoch(0)
+    classifier = torch_linear_classifier(first[0].shape[1], num_classes, learning_rate, weight_decay, seed)
+    history = fit_on_feature_epochs(
+        classifier, lambda epoch: first if epoch == 0 else features_of_epoch(epoch), epochs, batch_size, verbose
+    )
+    features, labels = test_features()
+    test_logits = classifier.predict(features, batch_size=max(batch_size, 1024), verbose=0)
+    return _result(test_logits, labels, history)
 
 
 # --------------------------------------------------------------------------------------
@@ -617,6 +752,7 @@ def finetune(
     projection_head=None,
     head_layer=0,
     crop_sampler="tensorflow",
+    optimizer="sgd",
 ):
     """Fine-tunes a copy of the encoder plus a linear head on labelled images; tests it.
 
@@ -645,6 +781,8 @@ def finetune(
         the encoder: SimCLR v2's `ft_proj_selector` (it fine-tunes from the first layer of a
         3-layer head). 0: on h.
       crop_sampler: the training crops' sampler (`augment.sample_crop_boxes`).
+      optimizer: "sgd" (Nesterov momentum, the v1 paper's) or "lars" (SimCLR v2's fine-tuning; batch-norm
+        parameters, biases and the classifier keep trust ratio 1).
 
     Returns:
       (ClassificationResult with logits as scores, the fine-tuned classifier: a keras.Model from
@@ -658,7 +796,7 @@ def finetune(
     steps_per_epoch = math.ceil(num_train / batch_size)
 
     classifier = _finetuned_classifier(encoder, num_classes, projection_head, head_layer)
-    _compile(classifier, learning_rate, epochs * steps_per_epoch, momentum, weight_decay)
+    _compile(classifier, learning_rate, epochs * steps_per_epoch, momentum, weight_decay, optimizer)
     stream = _augmented_stream(
         train_examples, num_train, image_size, batch_size, steps_per_epoch, seed, crop_sampler, cache_limit_bytes
     )

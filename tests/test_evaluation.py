@@ -348,7 +348,7 @@ CONFIG_PROBLEMS = [
     (dict(image_size=4), "image_size must be >= 8, got 4."),
     (dict(eval_batch_size=0), "eval_batch_size must be >= 1, got 0."),
     (dict(protocol="knn", linear_augment=True), "linear_augment applies to protocol=linear, got protocol=knn."),
-    (dict(linear_protocol="paper"), "linear_protocol must be one of features, official, got 'paper'."),
+    (dict(linear_protocol="paper"), "linear_protocol must be one of features, official, hcl_dcl, got 'paper'."),
     (dict(head_layer=-1), "head_layer must be >= 0 (0: h, K: the projection head's K-th layer), got -1."),
     (dict(knn_k="3"), "knn_k must be an integer, got '3'."),
 ]
@@ -396,7 +396,7 @@ BAD_FLAGS = [
      "cannot be used with --encoder=E/1."),
     (["--model_dir=RUN", "--protocol=knn", "--linear_augment"], "error: --linear_augment applies to "
      "--protocol=linear, got --protocol=knn."),
-    (["--model_dir=RUN", "--linear_protocol=paper"], "error: --linear_protocol must be one of features, official, "
+    (["--model_dir=RUN", "--linear_protocol=paper"], "error: --linear_protocol must be one of features, official, hcl_dcl, "
      "got 'paper'."),
 ]  # fmt: skip
 
@@ -689,6 +689,23 @@ def test_linear_protocol_official_is_named_in_the_json_and_the_printed_line(tiny
         assert results["linear_protocol"] == protocol
         assert (results["linear_augment"], results["standardize_features"]) == (augment, standardize)
         assert f"linear[{protocol}] (1 epochs, batch 100, lr 0.0390625) of {model_dir} on " in stdout
+
+
+def test_linear_protocol_hcl_dcl_on_the_command_line_at_another_view_size(tiny_run, export_of_tiny_run, tmp_path, capsys):
+    # linear.py's settings in the JSON; the test views at 48 px from a run trained at 32; an export rebuilds too.
+    data_dir, model_dir = tiny_run
+    for source in (f"--model_dir={model_dir}", f"--encoder={export_of_tiny_run}"):
+        output = tmp_path / "hcl_dcl.json"
+        status, stdout, stderr = run_evaluate_main(
+            capsys, source, f"--dataset=folder:{data_dir}", f"--output={output}", "--confusion_matrix=",
+            "--protocol=linear", "--linear_protocol=hcl_dcl", "--epochs=1", "--label_fraction=0.2", "--image_size=48",
+        )  # fmt: skip
+        assert status == 0, stderr[-3000:]
+        results = json.loads(output.read_text())
+        assert (results["linear_protocol"], results["optimizer"], results["weight_decay"]) == ("hcl_dcl", "adam", 1e-6)
+        assert (results["learning_rate"], results["batch_size"], results["image_size"]) == (1e-3, 100, 48)
+        assert results["train_view_size"] == 32 and 0 <= results["top1"] <= 1
+        assert "linear[hcl_dcl] (1 epochs, batch 100, Adam lr 0.001) of " in stdout
 
 
 def test_knn_on_a_head_layer(tiny_run, tmp_path, capsys):

@@ -118,3 +118,51 @@ def test_the_official_readme_imagenet_config_blurs_as_the_official_code():
     assert (augmenter.blur_padding, augmenter.blur_sigma_per, augmenter.use_blur) == ("zeros", "batch", True)
     assert augmenter.crop_area_range == (0.08, 1.0)
 
+
+def test_simclr_v2_finetune_config_is_the_readme_command():
+    from simclr_keras import config_flags, eval_run
+    from simclr_keras.eval_config import EvalConfig
+    from simclr_keras.optimizers import scale_learning_rate
+
+    config = config_flags.read_flagfile(EvalConfig, os.path.join(CONFIGS, "simclr_v2_finetune_imagenet.flags"))
+    assert config.replace(model_dir="run").validate() == []
+    # --optimizer=lars --learning_rate=0.005 --learning_rate_scaling=sqrt --train_batch_size=1024: 0.16.
+    epochs, batch_size, base_rate = config.protocol_defaults()
+    assert (config.protocol, config.optimizer, epochs, batch_size) == ("finetune", "lars", 60, 1024)
+    assert scale_learning_rate(base_rate, batch_size, config.lr_scaling) == pytest.approx(0.16)
+    settings = eval_run._optimizer_settings(config.replace(model_dir="run").resolved(), num_train=12_811)
+    assert (settings["optimizer"], settings["nesterov"], settings["batch_size"]) == ("lars", False, 1024)
+    assert settings["learning_rate"] == pytest.approx(0.005 * 1024**0.5)
+    # --ft_proj_selector=1, --weight_decay=0, imagenet2012_subset/1pct.
+    assert (config.head_layer, config.weight_decay, config.label_fraction) == (1, 0.0, 0.01)
+
+
+def test_lars_fine_tuning_adapts_the_encoders_kernels_and_not_the_classifier():
+    # The official LARS excludes batch_normalization, bias and head_supervised (the classifier) from its trust ratio.
+    import keras
+
+    from simclr_keras import evaluation
+    from simclr_keras.optimizers import LARS
+
+    encoder = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+        keras.layers.GlobalAveragePooling2D(),
+    ])  # fmt: skip
+    classifier = evaluation._finetuned_classifier(encoder, 3, None, 0)
+    optimizer = evaluation._momentum_optimizer(0.16, 100, 0.9, 0.0, "lars")
+    assert isinstance(optimizer, LARS) and not optimizer.nesterov
+    adapted = [variable.path for variable in classifier.trainable_variables if optimizer.applies_layer_adaptation(variable)]
+    assert len(classifier.trainable_variables) == 6 and len(adapted) == 1 and adapted[0].endswith("conv2d/kernel")
+
+
+def test_hcl_stl10_config_pretrains_on_32_pixel_crops_with_the_cifar_stem():
+    from simclr_keras.backbones import resolve_stem
+
+    stl10, cifar10 = parsed_flags("hcl_stl10.flags"), parsed_flags("hcl_cifar10.flags")
+    # utils.py: STL10(split='train+unlabeled', transform=train_transform), RandomResizedCrop(32) of 96 px images.
+    assert (stl10["dataset"], stl10["train_split"], stl10["image_size"]) == ("stl10", "", 32)
+    assert resolve_stem("auto", stl10["image_size"]) == "cifar"
+    # Everything else is the code's defaults, those of the CIFAR-10 setting.
+    assert {name: value for name, value in stl10.items() if name != "dataset"} == {
+        name: value for name, value in cifar10.items() if name != "dataset"
+    }

@@ -9,7 +9,8 @@
 The encoder is a training run's latest checkpoint (--model_dir) or an exported encoder's SavedModel
 (--encoder=EXPORT_DIR/<version>, whose serving_default signature gives the features; finetune rebuilds a
 trainable encoder from its Keras configs, simclr_keras.export.load_exported_parts). Features are those of
-unaugmented images through the encoder in inference mode. Prints one line with top-1 and top-5 test accuracy; --output
+unaugmented images through the encoder in inference mode (--linear_protocol=hcl_dcl trains its classifier
+on the encoder in training mode, as the HCL/DCL references do), at the training size or --image_size. Prints one line with top-1 and top-5 test accuracy; --output
 also writes them, the example counts and every setting used, as JSON, and the test confusion matrix as
 <output stem>_confusion.png (or --confusion_matrix=PATH). simclr_keras.evaluation documents the
 protocols. The same from Python: `simclr_keras.evaluate_encoder(simclr_keras.EvalConfig(...))`

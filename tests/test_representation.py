@@ -182,33 +182,39 @@ def functional_encoder():
     return keras.Model(images, keras.layers.GlobalAveragePooling2D()(features))
 
 
+# name -> (a fresh encoder, its image size)
 EXPORTED_ENCODERS = {
-    "functional": functional_encoder,
-    "sequential_with_input": lambda: sequential_encoder(True),
-    "sequential_without_input": lambda: sequential_encoder(False),
-    "subclassed": lambda: SubclassedEncoder(width=8),
+    "functional": (functional_encoder, IMAGE_SIZE),
+    "sequential_with_input": (lambda: sequential_encoder(True), IMAGE_SIZE),
+    "sequential_without_input": (lambda: sequential_encoder(False), IMAGE_SIZE),
+    "subclassed": (lambda: SubclassedEncoder(width=8), IMAGE_SIZE),
+    "keras_applications_mobilenet_v2": (mobilenet_encoder, APPLICATIONS_SIZE),
 }
 
 
-def trained_for_export(make_encoder):
+def trained_for_export(make_encoder, image_size=IMAGE_SIZE):
     """A SimCLR model of that encoder after two steps: weights and BatchNorm statistics away from their start."""
     keras.utils.set_random_seed(3)
     model = SimCLR(
         encoder=make_encoder(), projection_head=ProjectionHead(num_layers=2, output_dim=8),
-        augmenter=SimCLRAugmentation(IMAGE_SIZE, color_jitter_strength=0.5, seed=3),
+        augmenter=SimCLRAugmentation(image_size, color_jitter_strength=0.5, seed=3),
     )  # fmt: skip
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-    model.fit(batch(IMAGE_SIZE)[0], batch_size=4, epochs=1, verbose=0)
+    model.fit(batch(image_size)[0], batch_size=4, epochs=1, verbose=0)
     return model
 
 
-@pytest.mark.parametrize("name", sorted(EXPORTED_ENCODERS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=[pytest.mark.slow] * (name in SLOW_ENCODERS)) for name in sorted(EXPORTED_ENCODERS)],
+)
 def test_any_encoder_exports_and_loads_back_with_its_weights(name, tmp_path):
     from simclr_keras import Encoder, export, load_encoder
 
-    model = trained_for_export(EXPORTED_ENCODERS[name])
+    make_encoder, image_size = EXPORTED_ENCODERS[name]
+    model = trained_for_export(make_encoder, image_size)
     version_dir = export.export_encoder(model, str(tmp_path / "exports"))
-    images = batch(IMAGE_SIZE, n=5, seed=4)[0]
+    images = batch(image_size, n=5, seed=4)[0]
     views = model.augmenter(images, training=False)
     embeddings = model.encoder(views, training=False).numpy()  # the Keras model's h, inference mode
     projections = model.projection_head(embeddings, training=False, head_layer=1).numpy()

@@ -124,7 +124,8 @@ def test_simclr_v2_finetune_config_is_the_readme_command():
     from simclr_keras.eval_config import EvalConfig
     from simclr_keras.optimizers import scale_learning_rate
 
-    config = config_flags.read_flagfile(EvalConfig, os.path.join(CONFIGS, "simclr_v2_finetune_imagenet.flags"))
+    path = os.path.join(CONFIGS, "evaluation", "simclr_v2_finetune_imagenet.flags")
+    config = config_flags.read_flagfile(EvalConfig, path)
     assert config.replace(model_dir="run").validate() == []
     # --optimizer=lars --learning_rate=0.005 --learning_rate_scaling=sqrt --train_batch_size=1024: 0.16.
     epochs, batch_size, base_rate = config.protocol_defaults()

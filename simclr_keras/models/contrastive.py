@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from simclr_keras import model_config, representation
 from simclr_keras.heads import LinearProbe
+from simclr_keras.optimizers import LARS
 
 
 class ContrastiveModel(keras.Model):
@@ -18,10 +19,13 @@ class ContrastiveModel(keras.Model):
     Each training batch of images (uint8 or float in the augmenter's value range; with or without
     integer labels) becomes two independently augmented views, and the subclass's
     `contrastive_forward` returns the contrastive loss on them. When the batch carries labels and
-    `num_classes` is set, an online linear probe (`heads.LinearProbe`) on stop_gradient(h) of the
-    first view is trained beside it, as the official SimCLR code does by default: its loss is added
-    but cannot reach the encoder. Labels below 0 (e.g. STL-10's unlabelled split) are left out of the
-    probe's loss.
+    `num_classes` is set, an online linear probe (`heads.LinearProbe`) is trained beside it as the
+    official SimCLR code trains its supervised head during pretraining (`lineareval_while_pretraining`):
+    on stop_gradient(h) of every view the trained encoder encodes (both for SimCLR; the query views
+    for MoCo), the mean cross-entropy over them added to the objective, where it cannot reach the
+    encoder. Its kernel takes the optimizer's L2 weight decay, and under LARS it is kept out of layer
+    adaptation (`compile` sees to it): plain momentum at the scheduled learning rate. Labels below 0
+    (e.g. STL-10's unlabelled split) are left out of the probe's loss.
 
     `evaluate` encodes unaugmented images (`augmenter(x, training=False)`, encoder in inference mode)
     and reports the probe's loss and accuracy over the whole dataset.
@@ -108,6 +112,24 @@ class ContrastiveModel(keras.Model):
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trained_variables)
 
+    def compile(self, *args, **kwargs):
+        """keras.Model.compile; a LARS optimizer then updates the probe by plain momentum, no trust ratio.
+
+        As the official code keeps its supervised head out of LARS' layer adaptation; the head's
+        kernel still takes LARS' weight decay (official: `add_weight_decay`).
+        """
+        super().compile(*args, **kwargs)
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)  # under a LossScaleOptimizer
+        if self.probe is not None and isinstance(optimizer, LARS):
+            optimizer.exclude_from_layer_adaptation(self.probe.trainable_weights)
+
+    def compile_from_config(self, config):
+        # Keras' version skips a custom `compile` (loading a .keras file would leave the model
+        # uncompiled); this one only adds to Keras', so it is called as Keras calls its own.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.optimizer is not None:
+            self.optimizer.build(self.trained_variables)
+
     @property
     def metrics(self):
         trackers = [self.loss_tracker, self.contrastive_accuracy_tracker]
@@ -128,9 +150,11 @@ class ContrastiveModel(keras.Model):
         return self.trainable_weights
 
     def contrastive_forward(self, view1, view2):
-        """Returns (loss, contrastive accuracy, h of view1 [N, D], state for after_optimizer_step).
+        """Returns (loss, contrastive accuracy, h [V*N, D], state for after_optimizer_step).
 
-        Runs inside the gradient tape; `view1` and `view2` are [N, S, S, 3] floats in [0, 1].
+        Runs inside the gradient tape; `view1` and `view2` are [N, S, S, 3] floats in [0, 1]. h holds
+        the representations of the V views the trained encoder encoded (V = 1 or 2), view 1's first:
+        the online probe trains on all of them.
         """
         raise NotImplementedError
 
@@ -165,11 +189,17 @@ class ContrastiveModel(keras.Model):
         return self.objective_scale * contrastive_loss + self._probe_loss(representation, labels)
 
     def _probe_loss(self, representation, labels):
-        """The online probe's loss on stop_gradient(h) [N, D] (0 without probe or labels); updates its trackers."""
+        """The online probe's mean loss on stop_gradient(h) [V*N, D] of V views of N labelled images.
+
+        0 without probe or labels; updates the probe's trackers. The official code's
+        `tf.concat([labels, labels], 0)` for its two views.
+        """
         if self.probe is None or labels is None:
             return 0.0
-        probe_logits = self.probe(tf.stop_gradient(representation), training=True)
-        return self._update_probe_metrics(labels, probe_logits, reset=True)
+        labels = tf.reshape(labels, [-1])  # (N,)
+        views = tf.shape(representation)[0] // tf.shape(labels)[0]
+        probe_logits = self.probe(tf.stop_gradient(representation), training=True)  # (V*N, C)
+        return self._update_probe_metrics(tf.tile(labels, [views]), probe_logits, reset=True)
 
     def _step_logs(self, contrastive_loss, contrastive_accuracy, learning_rate):
         """This step's logs (the trackers hold the step's values, not running means)."""

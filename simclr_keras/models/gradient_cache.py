@@ -5,7 +5,7 @@ RepL4NLP 2021 (arXiv:2101.06983). The contrastive loss needs every projection of
 but the encoder does not need every activation at once:
 
 1. pass 1: encode and project each micro-batch (both views of M images, 2M views) without a tape,
-   keeping only z (2N x proj_dim) and the h of the first views (for the online probe);
+   keeping only z (2N x proj_dim) and h (2N x D, for the online probe);
 2. the loss over all of z, with negatives from the whole batch and every replica, exactly as the
    plain step computes it, and its gradient with respect to z;
 3. pass 2: re-encode each micro-batch under a tape and back-propagate its slice of that gradient,
@@ -66,7 +66,7 @@ def micro_batched_train_step(model, data):
     # A frozen encoder gets no gradients: pass 1 is then the only pass and keeps its BatchNorm updates.
     z1, z2, representation = _encode_without_gradients(
         model, view1, view2, split, keep_moving_statistics=not encoder_variables
-    )  # (N, P), (N, P), (N, D)
+    )  # (N, P), (N, P), (2N, D)
     with tf.GradientTape() as tape:
         tape.watch([z1, z2])
         contrastive_loss, contrastive_accuracy = model.contrastive_loss(z1, z2)
@@ -147,7 +147,7 @@ class _MicroBatches:
 
 
 def _encode_without_gradients(model, view1, view2, split, keep_moving_statistics):
-    """Pass 1: z1, z2 (N, P) and h of the first views (N, D), all float32, one micro-batch at a time.
+    """Pass 1: z1, z2 (N, P) and h (2N, D: the first views', then the second's), float32, a micro-batch at a time.
 
     Runs in training mode (BatchNorm on micro-batch statistics, as pass 2 will); unless
     keep_moving_statistics, the moving statistics it updates are put back afterwards.
@@ -161,28 +161,31 @@ def _encode_without_gradients(model, view1, view2, split, keep_moving_statistics
         return tf.TensorArray(tf.float32, size=split.count, infer_shape=False, element_shape=[None, width])
 
     def body(index, arrays):
-        z1, z2, representations = arrays
+        z1, z2, h1, h2 = arrays
         views = split.views(view1, view2, index)
         representation = model.encoder(views, training=True)  # (2m, D)
         projection = tf.cast(model.projection_head(representation, training=True), tf.float32)  # (2m, P)
+        representation = tf.cast(representation, tf.float32)
         half = tf.shape(views)[0] // 2
         return (
             z1.write(index, projection[:half]),
             z2.write(index, projection[half:]),
-            representations.write(index, tf.cast(representation[:half], tf.float32)),
+            h1.write(index, representation[:half]),
+            h2.write(index, representation[half:]),
         )
 
-    z1, z2, representations = split.loop(
-        body, (pieces(projection_width), pieces(projection_width), pieces(representation_width))
+    z1, z2, h1, h2 = split.loop(
+        body, (pieces(projection_width), pieces(projection_width), pieces(representation_width), pieces(representation_width))
     )
     # Reads and assignments of the same variables run in program order inside tf.function.
     for variable, value in zip(state if saved else [], saved):
         variable.assign(value)
     batch_size = view1.shape[0]
+    views = None if batch_size is None else 2 * batch_size
     return (
         tf.ensure_shape(z1.concat(), [batch_size, projection_width]),
         tf.ensure_shape(z2.concat(), [batch_size, projection_width]),
-        tf.ensure_shape(representations.concat(), [batch_size, representation_width]),
+        tf.ensure_shape(tf.concat([h1.concat(), h2.concat()], axis=0), [views, representation_width]),
     )
 
 

@@ -231,7 +231,7 @@ class MoCo(ContrastiveModel):
             queries = tf.math.l2_normalize(projection, axis=1)
             new_keys = self._keys(view2, num_views=1)
             loss, accuracy = moco_loss_with_accuracy(queries, new_keys, queue, self.temperature)
-        return loss, accuracy, representation[:batch_size], new_keys
+        return loss, accuracy, representation, new_keys  # h of the query views: 2N symmetric, N otherwise
 
     def after_optimizer_step(self, new_keys):
         for query_weight, key_weight in self._momentum_pairs():

@@ -64,7 +64,7 @@ class SimCLR(ContrastiveModel):
         representation = self.encoder(tf.concat([view1, view2], axis=0), training=True)  # (2N, D)
         projection = self.projection_head(representation, training=True)  # (2N, proj_dim)
         loss, accuracy = self.contrastive_loss(projection[:batch_size], projection[batch_size:])
-        return loss, accuracy, representation[:batch_size], None
+        return loss, accuracy, representation, None
 
     def contrastive_loss(self, z1, z2):
         """(loss, contrastive accuracy) of the two views' projections, [N, proj_dim] each.

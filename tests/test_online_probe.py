@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from fixed_views import AlternatingViews
 
-from simclr_keras import LARS, ProjectionHead, SimCLR, build_optimizer
+from simclr_keras import LARS, ProjectionHead, SimCLR, SimCLRAugmentation, build_optimizer
 from simclr_keras.models.moco import MoCo
 from simclr_keras.optimizers import WarmupCosineDecay
 
@@ -51,12 +51,12 @@ OPTIMIZERS = {
 }
 
 
-def tiny_simclr(optimizer, micro_batch_size=None):
+def tiny_simclr(optimizer, micro_batch_size=None, augmenter=None):
     keras.utils.set_random_seed(7)
     model = SimCLR(
         encoder=tiny_encoder(),
         projection_head=keras.layers.Dense(6),
-        augmenter=AlternatingViews(),
+        augmenter=augmenter or AlternatingViews(),
         temperature=0.5,
         num_classes=NUM_CLASSES,
         micro_batch_size=micro_batch_size,
@@ -77,12 +77,17 @@ def train_one_step(model, images, labels=None):
 
 
 def probe_inputs(model, images):
-    """What the probe reads, before the step: h of both views [2N, D], standardised by the probe's layer."""
-    representation = model.encoder(tf.concat(AlternatingViews.views(images), 0), training=True).numpy().astype(np.float64)
-    if getattr(model.probe, "normalization", None) is None:
-        return representation
+    """What the probe's linear layer reads, before the step: h of both views [2N, D], standardised over
+    the 2N rows by the probe's parameter-free BatchNorm (the one difference from the official head)."""
+    views = tf.concat(AlternatingViews.views(images), 0)
+    representation = model.encoder(views, training=True).numpy().astype(np.float64)  # (2N, D)
     epsilon = model.probe.normalization.epsilon
     return (representation - representation.mean(0)) / np.sqrt(representation.var(0) + epsilon)
+
+
+def mean_cross_entropy(logits, labels):
+    log_probabilities = logits - np.log(np.exp(logits).sum(1, keepdims=True))  # (rows, C)
+    return -log_probabilities[np.arange(len(labels)), labels].mean()
 
 
 def official_head_step(features, labels, kernel, bias, velocities, learning_rate):
@@ -128,8 +133,7 @@ def test_logged_probe_loss_is_the_mean_over_both_views():
     images, labels = batch()
     features = probe_inputs(model, images)
     logits = features @ model.probe.classifier.kernel.numpy() + model.probe.classifier.bias.numpy()
-    log_probabilities = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    expected = -log_probabilities[np.arange(2 * BATCH_SIZE), np.concatenate([labels, labels])].mean()
+    expected = mean_cross_entropy(logits, np.concatenate([labels, labels]))
     history = model.fit(images, labels, batch_size=BATCH_SIZE, epochs=1, verbose=0, shuffle=False)
     assert history.history["probe_loss"][-1] == pytest.approx(expected, rel=2e-5)
 
@@ -150,9 +154,7 @@ def test_moco_probe_reads_every_query_view(symmetric, views):
     images, labels = batch()
     # The query encoder's h of the views it encodes, before the step, and the probe on them.
     features = model.encoder(tf.concat(AlternatingViews.views(images)[:views], 0), training=True).numpy()
-    logits = model.probe(features, training=True).numpy()
-    log_probabilities = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    expected = -log_probabilities[np.arange(views * BATCH_SIZE), np.tile(labels, views)].mean()
+    expected = mean_cross_entropy(model.probe(features, training=True).numpy(), np.tile(labels, views))
     history = model.fit(images, labels, batch_size=BATCH_SIZE, epochs=1, verbose=0, shuffle=False)
     assert history.history["probe_loss"][-1] == pytest.approx(expected, rel=2e-5)
 
@@ -174,3 +176,15 @@ def test_lars_built_before_compile_says_so():
     optimizer.build(model.trainable_variables)
     with pytest.raises(ValueError, match="before the optimizer is built"):
         model.compile(optimizer=optimizer)
+
+
+def test_a_saved_model_loads_compiled_with_the_probe_kept_out_of_adaptation(tmp_path):
+    model = tiny_simclr(OPTIMIZERS["LARS"](), augmenter=SimCLRAugmentation(IMAGE_SIZE, seed=1))
+    train_one_step(model, *batch())
+    path = str(tmp_path / "simclr.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    kernel = loaded.probe.classifier.kernel
+    assert loaded.optimizer.applies_weight_decay(kernel)
+    assert not loaded.optimizer.applies_layer_adaptation(kernel)
+    assert loaded.optimizer.applies_layer_adaptation(loaded.encoder.trainable_weights[0])  # the convolution's kernel
